@@ -1,0 +1,215 @@
+"""Validated, frozen configuration for every pipeline stage, loaded from YAML and overridable from the CLI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from medvae.deid import DEFAULT_PATIENT_REGEX
+
+
+class _Frozen(BaseModel):
+    # Frozen and strict about unknown keys: a typo in a YAML file must fail loudly, not be ignored.
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class IngestConfig(_Frozen):
+    """How scans are decoded, de-identified, normalised and split on the way into the store."""
+
+    size: int = Field(64, ge=8, le=1024, description="Output side length in pixels.")
+    aspect: Literal["pad", "crop"] = Field(
+        "pad", description="pad: keep the whole field of view, pad the short side with black; crop: centre-crop."
+    )
+    multiframe: Literal["middle", "all"] = Field(
+        "middle", description="middle: one row per file from its middle frame; all: one row per frame."
+    )
+    percentile_window: tuple[float, float] = Field(
+        (0.5, 99.5), description="Robust window (percentiles) used when a DICOM has no VOI window or LUT."
+    )
+    max_pixels: int = Field(
+        64_000_000, ge=1, description="Refuse to decode any image with more pixels than this (memory bound)."
+    )
+    max_file_bytes: int = Field(2_000_000_000, ge=1, description="Refuse files larger than this.")
+    reject_burned_in: bool = Field(
+        True, description="Reject DICOMs marked BurnedInAnnotation YES: their pixels may carry PHI."
+    )
+    labels: Literal["folder", "none"] = Field(
+        "folder", description="folder: the parent folder name is the label (ImageFolder); none: no label."
+    )
+    labels_csv: Path | None = Field(None, description="CSV with columns path,label; overrides folder labels.")
+    patient_regex: str | None = Field(
+        DEFAULT_PATIENT_REGEX,
+        description="Regex on the file name whose first non-empty group identifies the patient when the file "
+        "has no PatientID (defaults cover Kermany's personN/IM-NNNN and ChestX-ray14's NNNNNNNN_NNN). "
+        "Only its keyed hash is stored.",
+    )
+    split_fractions: tuple[float, float, float] = Field(
+        (0.8, 0.1, 0.1), description="train/val/test shares, assigned by a keyed hash of the patient."
+    )
+    workers: int = Field(0, ge=0, description="Decoder processes; 0 means one per core.")
+
+    @field_validator("split_fractions")
+    @classmethod
+    def _fractions_sum_to_one(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
+        if any(f < 0 for f in v) or abs(sum(v) - 1.0) > 1e-6:
+            raise ValueError(f"split_fractions must be non-negative and sum to 1, got {v}")
+        return v
+
+    @field_validator("percentile_window")
+    @classmethod
+    def _window_ordered(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0.0 <= v[0] < v[1] <= 100.0:
+            raise ValueError(f"percentile_window must satisfy 0 <= low < high <= 100, got {v}")
+        return v
+
+
+class ModelConfig(_Frozen):
+    """Architecture of the convolutional BatchNorm VAE."""
+
+    image_size: int = Field(64, ge=16)
+    channels: tuple[int, ...] = Field((32, 64, 128, 256), min_length=1)
+    latent_dim: int = Field(32, ge=1)
+    conditional: bool = False
+    num_classes: int = Field(0, ge=0, description="Number of labels for a conditional VAE (set from data).")
+
+    @model_validator(mode="after")
+    def _size_divides(self) -> ModelConfig:
+        if self.image_size % (2 ** len(self.channels)) != 0:
+            raise ValueError(
+                f"image_size {self.image_size} must be divisible by 2**depth = {2 ** len(self.channels)}"
+            )
+        return self
+
+
+class LossConfig(_Frozen):
+    """The negative ELBO: reconstruction likelihood, β weight and KL warm-up."""
+
+    reconstruction: Literal["bce", "mse"] = "bce"
+    beta: float = Field(1.0, ge=0.0)
+    kl_warmup_epochs: int = Field(5, ge=0, description="Linear ramp of the KL weight from 0 to beta.")
+
+
+class TrainConfig(_Frozen):
+    """Optimisation, validation and device settings for training."""
+
+    model: ModelConfig = ModelConfig()
+    loss: LossConfig = LossConfig()
+    epochs: int = Field(40, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    val_fraction: float = Field(0.1, gt=0, lt=1, description="Held-out share when the store has no val split.")
+    patience: int = Field(8, ge=1, description="Early stopping: epochs without validation improvement.")
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    compile: bool = Field(False, description="torch.compile the model (measured; optional).")
+    augment: bool = Field(False, description="Light geometric/intensity augmentation during training.")
+    false_positive_rate: float = Field(0.05, gt=0, lt=1, description="Anomaly threshold calibration FPR.")
+
+
+class AugmentConfig(_Frozen):
+    """Synthetic image generation and its privacy filter."""
+
+    count: int = Field(64, ge=0)
+    label: str | None = None
+    seed: int = 0
+    privacy_quantile: float = Field(
+        0.01,
+        ge=0,
+        le=1,
+        description="Reject samples closer to a training image than this quantile of train-to-train "
+        "nearest-neighbour distances.",
+    )
+    write_dicom: Path | None = Field(None, description="Also write Secondary Capture DICOMs into this folder.")
+
+
+class ScreenConfig(_Frozen):
+    """Anomaly scoring of new scans."""
+
+    score: Literal["mahalanobis", "recon", "kl", "elbo"] = "mahalanobis"
+
+
+class PipelineConfig(_Frozen):
+    """The scheduled ingest → train → augment → screen pipeline."""
+
+    sources: list[Path] = Field(default_factory=lambda: [Path("data/sample")])
+    store: str = "runs/store"
+    model_dir: Path = Path("runs/model")
+    train_where: dict[str, str] = Field(default_factory=dict, description="Row filter, e.g. {label: normal}.")
+    schedule: str = Field("0 2 * * *", description="Cron schedule for `medvae serve`.")
+    ingest: IngestConfig = IngestConfig()
+    train: TrainConfig = TrainConfig()
+    augment: AugmentConfig = AugmentConfig()
+    screen: ScreenConfig = ScreenConfig()
+
+
+C = TypeVar("C", bound=BaseModel)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"override {dotted!r}: {k!r} is not a section")
+    node[keys[-1]] = value
+
+
+def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
+    """Turn CLI overrides like ``train.epochs=3`` into a nested dict.
+
+    Values are parsed as YAML scalars, so ``3`` is an int, ``true`` a bool and ``[1,2]`` a list.
+
+    Args:
+        pairs: strings of the form ``dotted.key=value``.
+
+    Returns:
+        A nested dict that can be merged over a loaded config.
+
+    Raises:
+        ValueError: when a pair has no ``=``.
+    """
+    tree: dict[str, Any] = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise ValueError(f"override {pair!r} must look like key=value (e.g. train.epochs=3)")
+        key, raw = pair.split("=", 1)
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+    return tree
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(cls: type[C], path: Path | str | None = None, overrides: list[str] | None = None) -> C:
+    """Load and validate a stage config from YAML, then apply ``key=value`` overrides.
+
+    Args:
+        cls: the config class, e.g. :class:`IngestConfig`.
+        path: a YAML file, or None for the defaults.
+        overrides: CLI overrides such as ``["epochs=3", "loss.beta=0.5"]``.
+
+    Returns:
+        The validated, frozen config.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ValueError(f"{path}: expected a mapping at the top level, got {type(loaded).__name__}")
+        data = loaded or {}
+    data = _deep_merge(data, parse_overrides(overrides))
+    return cls.model_validate(data)
+
+
+def to_jsonable(cfg: BaseModel) -> dict[str, Any]:
+    """The resolved config as plain JSON types, for lineage and model directories."""
+    return cfg.model_dump(mode="json")
