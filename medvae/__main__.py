@@ -1,0 +1,3 @@
+from medvae.cli import main
+
+main()
