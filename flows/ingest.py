@@ -15,7 +15,9 @@ from medvae.store import Store
 
 
 @task(name="ingest", retries=1, retry_delay_seconds=5)
-def ingest_task(sources: list[str], store: str, config: dict[str, Any], report: str | None = None) -> dict[str, Any]:
+def ingest_task(
+    sources: list[str], store: str, config: dict[str, Any], report: str | None = None
+) -> dict[str, Any]:
     """Ingest ``sources`` into ``store``; returns counts and the new version (never pixels)."""
     rep = ingest([Path(s) for s in sources], Store(store), IngestConfig.model_validate(config))
     if report:

@@ -91,13 +91,18 @@ def ingest(
     config: ConfigOpt = None,
     set_: SetOpt = None,
     labels_csv: Annotated[
-        Path | None, typer.Option("--labels-csv", help="CSV with path,label columns (overrides folder labels).")
+        Path | None,
+        typer.Option("--labels-csv", help="CSV with path,label columns (overrides folder labels)."),
     ] = None,
-    no_labels: Annotated[bool, typer.Option("--no-labels", help="Do not take labels from folder names.")] = False,
+    no_labels: Annotated[
+        bool, typer.Option("--no-labels", help="Do not take labels from folder names.")
+    ] = False,
     report: Annotated[
         Path | None, typer.Option("--report", help="Write a JSON account of every input file here.")
     ] = None,
-    workers: Annotated[int | None, typer.Option("--workers", help="Decoder processes (default: all cores).")] = None,
+    workers: Annotated[
+        int | None, typer.Option("--workers", help="Decoder processes (default: all cores).")
+    ] = None,
 ) -> None:
     """Ingest scans into a new version of the store (de-identified, 64×64, de-duplicated)."""
 
@@ -125,7 +130,9 @@ def ingest(
         for f in rep.files:
             if f.status == "rejected":
                 console.print(f"[yellow]rejected[/] {f.path}: {f.reason}", highlight=False, markup=True)
-        where = f"version {rep.version} of {store}" if rep.version is not None else f"{store} (no new version)"
+        where = (
+            f"version {rep.version} of {store}" if rep.version is not None else f"{store} (no new version)"
+        )
         console.print(f"wrote {rep.rows_added} rows to {where}", highlight=False)
         out.print(rep.summary_line(), highlight=False)
         c = rep.counts
@@ -182,7 +189,9 @@ def versions(
 @app.command()
 def export(
     store: StoreOpt,
-    out_dir: Annotated[Path, typer.Option("--out", help="Export folder (ImageFolder layout + manifest.csv).")],
+    out_dir: Annotated[
+        Path, typer.Option("--out", help="Export folder (ImageFolder layout + manifest.csv).")
+    ],
     version: VersionOpt = None,
 ) -> None:
     """Export a version as PNG files in ImageFolder layout, plus manifest.csv."""
@@ -193,6 +202,184 @@ def export(
 
         manifest = do_export(Store(store), out_dir, version)
         out.print(f"exported to {out_dir} (manifest {manifest})", highlight=False)
+
+    run_cli(body)
+
+
+# ----------------------------------------------------------------------------------------------- train
+def _where(pairs: list[str] | None) -> dict[str, str] | None:
+    out: dict[str, str] = {}
+    for p in pairs or []:
+        if "=" not in p:
+            raise ValueError(f"--where {p!r} must look like column=value (e.g. label=normal)")
+        k, v = p.split("=", 1)
+        out[k.strip()] = v
+    return out or None
+
+
+@app.command()
+def train(
+    store: StoreOpt,
+    out_dir: Annotated[Path, typer.Option("--out", help="Model directory to write.")],
+    version: VersionOpt = None,
+    where: Annotated[
+        list[str] | None,
+        typer.Option("--where", help="Row filter column=value, e.g. label=normal (repeatable)."),
+    ] = None,
+    conditional: Annotated[
+        bool, typer.Option("--conditional", help="Train a label-conditional VAE.")
+    ] = False,
+    device: Annotated[str | None, typer.Option("--device", help="auto | cpu | cuda")] = None,
+    epochs: Annotated[int | None, typer.Option("--epochs")] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from the model directory's checkpoint.")
+    ] = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Train the VAE on a store version, calibrate its anomaly threshold, and write a model directory."""
+
+    def body() -> None:
+        from medvae.config import TrainConfig
+        from medvae.jobs import train_job
+
+        overrides = list(set_ or [])
+        if conditional:
+            overrides.append("model.conditional=true")
+        if device:
+            overrides.append(f"device={device}")
+        if epochs:
+            overrides.append(f"epochs={epochs}")
+        cfg = load_config(TrainConfig, config, overrides)
+        res = train_job(
+            store,
+            out_dir,
+            cfg,
+            version=version,
+            where=_where(where),
+            resume=resume,
+            progress=console.is_terminal,
+        )
+        out.print(
+            f"trained on {res['device']}: best epoch {res['best_epoch']}, val loss {res['val_loss']:.2f}, "
+            f"threshold {res['threshold']:.4g}, model {res['model_hash'][:12]} in {out_dir}",
+            highlight=False,
+        )
+
+    run_cli(body)
+
+
+# ----------------------------------------------------------------------------------------------- augment
+@app.command()
+def augment(
+    model: Annotated[Path, typer.Option("--model", help="Model directory from `medvae train`.")],
+    store: StoreOpt,
+    count: Annotated[int, typer.Option("--count", help="Synthetic images to sample.")] = 64,
+    label: Annotated[
+        str | None, typer.Option("--label", help="Only this label (conditional models).")
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    dicom: Annotated[
+        Path | None, typer.Option("--dicom", help="Also write Secondary Capture DICOMs here.")
+    ] = None,
+    pictures: Annotated[
+        Path | None, typer.Option("--pictures", help="Write reconstruction/sample/interpolation grids here.")
+    ] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Sample synthetic images, drop near-copies of training images, and commit them as a new version."""
+
+    def body() -> None:
+        from medvae.config import AugmentConfig
+        from medvae.jobs import augment_job, pictures_job
+
+        overrides = [*(set_ or []), f"count={count}", f"seed={seed}"]
+        if label:
+            overrides.append(f"label={label}")
+        if dicom:
+            overrides.append(f"write_dicom={dicom}")
+        cfg = load_config(AugmentConfig, config, overrides)
+        res = augment_job(model, store, cfg)
+        out.print(
+            f"kept {res['kept']} of {res['requested']} synthetic images (privacy filter rejected "
+            f"{res['rejection_rate']:.1%}, threshold {res['privacy_threshold']:.4f}); "
+            + (f"version {res['version']}" if res["version"] is not None else "no new version"),
+            highlight=False,
+        )
+        if pictures is not None:
+            for p in pictures_job(model, store, pictures, seed=seed):
+                out.print(f"wrote {p}", highlight=False)
+
+    run_cli(body)
+
+
+# ----------------------------------------------------------------------------------------------- screen
+@app.command()
+def screen(
+    sources: Annotated[list[Path], typer.Argument(help="Scans (files or folders) to screen.")],
+    model: Annotated[Path, typer.Option("--model", help="Model directory from `medvae train`.")],
+    out_csv: Annotated[Path | None, typer.Option("--out", help="Write per-scan scores to this CSV.")] = None,
+    heatmaps: Annotated[Path | None, typer.Option("--heatmaps", help="Write heat-map PNGs here.")] = None,
+) -> None:
+    """Score new scans for anomalies: latent score, percentile among normals, and a flag."""
+
+    def body() -> None:
+        from medvae.jobs import screen_job
+
+        res = screen_job(model, sources, out_csv=out_csv, heatmaps_dir=heatmaps)
+        if out_csv is None:
+            table = Table("file", "score", "percentile", "flag")
+            for r in res["results"]:
+                table.add_row(
+                    r["file"], f"{r['score']:.3f}", f"{r['percentile']:.1f}", "FLAG" if r["flag"] else ""
+                )
+            out.print(table)
+        for r in res["rejected_files"]:
+            console.print(f"[yellow]rejected[/] {r['file']}: {r['reason']}", highlight=False)
+        out.print(
+            f"scored {res['scored']}, flagged {res['flagged']}, rejected {res['rejected']}", highlight=False
+        )
+        if res["scored"] == 0:
+            raise typer.Exit(1)
+
+    run_cli(body)
+
+
+# ----------------------------------------------------------------------------------------------- run / serve
+PipelineOpt = Annotated[Path, typer.Option("--config", "-c", help="Pipeline YAML.")]
+
+
+@app.command()
+def run(config: PipelineOpt = Path("configs/pipeline.yaml"), set_: SetOpt = None) -> None:
+    """Run the whole pipeline once: ingest → train → augment → screen → one new store version."""
+
+    def body() -> None:
+        from flows.pipeline import pipeline_flow
+        from medvae.config import PipelineConfig, to_jsonable
+
+        cfg = load_config(PipelineConfig, config, set_)
+        res = pipeline_flow(to_jsonable(cfg))
+        out.print_json(json.dumps(res))
+
+    run_cli(body)
+
+
+@app.command()
+def serve(
+    config: PipelineOpt = Path("configs/pipeline.yaml"),
+    set_: SetOpt = None,
+    name: Annotated[str, typer.Option("--name")] = "medvae-scheduled",
+) -> None:
+    """Serve the pipeline as a Prefect deployment on the config's cron schedule (runs until stopped)."""
+
+    def body() -> None:
+        from flows.pipeline import pipeline_flow
+        from medvae.config import PipelineConfig, to_jsonable
+
+        cfg = load_config(PipelineConfig, config, set_)
+        console.print(f"serving {name} on cron {cfg.schedule!r}; Ctrl-C to stop", highlight=False)
+        pipeline_flow.serve(name=name, cron=cfg.schedule, parameters={"config": to_jsonable(cfg)})
 
     run_cli(body)
 

@@ -21,7 +21,8 @@ class IngestConfig(_Frozen):
 
     size: int = Field(64, ge=8, le=1024, description="Output side length in pixels.")
     aspect: Literal["pad", "crop"] = Field(
-        "pad", description="pad: keep the whole field of view, pad the short side with black; crop: centre-crop."
+        "pad",
+        description="pad: keep the whole field of view, pad the short side with black; crop: centre-crop.",
     )
     multiframe: Literal["middle", "all"] = Field(
         "middle", description="middle: one row per file from its middle frame; all: one row per frame."
@@ -101,7 +102,9 @@ class TrainConfig(_Frozen):
     batch_size: int = Field(128, ge=1)
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
-    val_fraction: float = Field(0.1, gt=0, lt=1, description="Held-out share when the store has no val split.")
+    val_fraction: float = Field(
+        0.1, gt=0, lt=1, description="Held-out share when the store has no val split."
+    )
     patience: int = Field(8, ge=1, description="Early stopping: epochs without validation improvement.")
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -123,7 +126,9 @@ class AugmentConfig(_Frozen):
         description="Reject samples closer to a training image than this quantile of train-to-train "
         "nearest-neighbour distances.",
     )
-    write_dicom: Path | None = Field(None, description="Also write Secondary Capture DICOMs into this folder.")
+    write_dicom: Path | None = Field(
+        None, description="Also write Secondary Capture DICOMs into this folder."
+    )
 
 
 class ScreenConfig(_Frozen):

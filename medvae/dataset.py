@@ -45,7 +45,9 @@ class StoreDataset(Dataset[tuple[torch.Tensor, int]]):
         self.label_names: list[str] = sorted({lbl for lbl in labels if lbl is not None})
         index = {name: i for i, name in enumerate(self.label_names)}
         # -1 marks an unlabelled row, so labelled and unlabelled rows can share one dataset.
-        self.targets = np.array([index.get(lbl, -1) if lbl is not None else -1 for lbl in labels], dtype=np.int64)
+        self.targets = np.array(
+            [index.get(lbl, -1) if lbl is not None else -1 for lbl in labels], dtype=np.int64
+        )
         self.version = store.table(version).version()
         self.transform = transform
 

@@ -1,4 +1,4 @@
-"""De-identification: keyed, irreversible identifiers for sources and patients, and the metadata allow-list."""
+"""De-identification: keyed, irreversible source and patient identifiers, and the metadata allow-list."""
 
 from __future__ import annotations
 

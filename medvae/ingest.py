@@ -1,4 +1,4 @@
-"""Ingest folders of scans into the store: walk, decode in parallel, de-identify, de-duplicate, commit once."""
+"""Ingest folders of scans: walk, decode in parallel, de-identify, de-duplicate, commit one version."""
 
 from __future__ import annotations
 
@@ -60,7 +60,9 @@ class IngestReport:
             "version": self.version,
             "counts": self.counts,
             "rows_added": self.rows_added,
-            "files": [{"path": f.path, "status": f.status, "reason": f.reason, "ids": f.ids} for f in self.files],
+            "files": [
+                {"path": f.path, "status": f.status, "reason": f.reason, "ids": f.ids} for f in self.files
+            ],
         }
 
     def write(self, path: Path) -> None:
@@ -117,8 +119,14 @@ def read_labels_csv(path: Path) -> dict[str, str]:
 _W: dict[str, Any] = {}
 
 
-def _init_worker(key: bytes, known: frozenset[str], cfg_json: str) -> None:
+def _init_worker(key: bytes, known: frozenset[str], cfg_json: str, pool_worker: bool = True) -> None:
     # Runs once per worker process: the config, key and known ids are shipped once, not per file.
+    if pool_worker:
+        # Parallelism comes from processes, one per core; multi-threaded BLAS inside each would
+        # oversubscribe the cores, and spinning BLAS threads then make a 0.2 ms resize take 10 ms.
+        from threadpoolctl import threadpool_limits
+
+        _W["limits"] = threadpool_limits(1)
     _W["key"] = key
     _W["known"] = known
     _W["cfg"] = IngestConfig.model_validate_json(cfg_json)
@@ -284,9 +292,13 @@ def _run_jobs(
 ) -> Iterable[FileResult]:
     workers = cfg.workers or os.cpu_count() or 1
     if workers == 1 or len(jobs) < 32:
-        # A pool costs ~1 s to start; small batches are faster in-process.
-        _init_worker(*init_args)
-        yield from map(_process, jobs)
+        # A pool costs ~1 s to start; small batches are faster in-process. The thread limit is scoped
+        # so that whatever runs next in this process (training) keeps all its threads.
+        from threadpoolctl import threadpool_limits
+
+        _init_worker(*init_args, pool_worker=False)
+        with threadpool_limits(1):
+            yield from map(_process, jobs)
         return
     # spawn, not fork: the parent may hold threads (Prefect, torch) that fork would copy mid-lock.
     ctx = mp.get_context("spawn")
@@ -298,5 +310,3 @@ def _run_jobs(
 def report_dict(report: IngestReport) -> dict[str, Any]:
     """A compact summary (no per-file entries) for flows and artifacts."""
     return {"version": report.version, "rows_added": report.rows_added, **report.counts}
-
-

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import NamedTuple
 
 import torch
@@ -60,7 +61,7 @@ class ConvVAE(nn.Module):
         self.decoder_input = nn.Linear(cfg.latent_dim + self.n_cond, feat)
         rev = chans[::-1]
         dec: list[nn.Module] = [nn.Unflatten(1, (rev[0], self.bottom, self.bottom))]
-        for i, o in zip(rev[:-1], rev[1:], strict=True):
+        for i, o in itertools.pairwise(rev):
             dec += _dec_block(i, o)
         dec.append(nn.ConvTranspose2d(rev[-1], 1, 4, 2, 1))
         self.decoder = nn.Sequential(*dec)

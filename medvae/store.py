@@ -196,7 +196,9 @@ class Store:
         if version is not None:
             latest = dt.version()
             if not 0 <= version <= latest:
-                raise StoreError(f"store {self.uri} has versions 0..{latest}; version {version} does not exist")
+                raise StoreError(
+                    f"store {self.uri} has versions 0..{latest}; version {version} does not exist"
+                )
             dt.load_as_version(version)
         return dt
 
@@ -262,7 +264,9 @@ class Store:
     def _commit(self, meta: dict[str, Any]) -> CommitProperties:
         # One JSON string under one key: delta-rs keeps custom metadata as commitInfo fields, and a
         # single self-contained document is easier to read back than many flattened keys.
-        return CommitProperties(custom_metadata={"medvae": json.dumps(meta, default=str)}, max_commit_retries=10)
+        return CommitProperties(
+            custom_metadata={"medvae": json.dumps(meta, default=str)}, max_commit_retries=10
+        )
 
     def insert_new(self, rows: pa.Table, meta: dict[str, Any]) -> int | None:
         """Commit ``rows`` whose ``id`` is not yet in the store, as exactly one new version.

@@ -1,0 +1,171 @@
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from medvae.config import IngestConfig
+from medvae.ingest import ingest, iter_files
+from medvae.store import Store, images_from
+
+
+def _png(path: Path, seed: int, mode: str = "L", size: tuple[int, int] = (80, 60)) -> Path:
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if mode == "L":
+        Image.fromarray(rng.integers(0, 256, size[::-1], dtype=np.uint8), "L").save(path)
+    elif mode == "RGB":
+        Image.fromarray(rng.integers(0, 256, (*size[::-1], 3), dtype=np.uint8), "RGB").save(path)
+    elif mode == "I;16":
+        Image.fromarray(rng.integers(0, 4096, size[::-1], dtype=np.uint16)).save(path)
+    return path
+
+
+@pytest.fixture()
+def tree(tmp_path: Path) -> Path:
+    root = tmp_path / "src"
+    for i in range(3):
+        _png(root / "normal" / f"n{i}.png", i)
+    _png(root / "pneumonia" / "p0.png", 10, "RGB")
+    _png(root / "pneumonia" / "p1.png", 11, "I;16", (50, 120))
+    (root / "pneumonia" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)
+    (root / "notes.txt").write_text("not an image")
+    (root / "empty.dcm").write_bytes(b"")
+    return root
+
+
+def test_ingest_accounts_for_every_file(tree: Path, tmp_path: Path) -> None:
+    store = Store(tmp_path / "store")
+    rep = ingest([tree], store, IngestConfig(workers=1))
+    c = rep.counts
+    assert c == {"seen": 8, "ingested": 5, "rejected": 3, "skipped": 0}
+    assert c["ingested"] + c["rejected"] + c["skipped"] == c["seen"]
+    reasons = {Path(f.path).name: f.reason for f in rep.files if f.status == "rejected"}
+    assert set(reasons) == {"broken.png", "notes.txt", "empty.dcm"}
+    assert all(r and len(r) > 8 for r in reasons.values())
+    assert "0 bytes" in reasons["empty.dcm"] or "empty" in reasons["empty.dcm"]
+    assert rep.version == 0
+    t = store.read()
+    assert t.num_rows == 5
+    assert sorted(t.column("label").to_pylist()) == ["normal"] * 3 + ["pneumonia"] * 2
+    assert set(t.column("origin").to_pylist()) == {"real"}
+    imgs = images_from(t)
+    assert imgs.shape == (5, 64, 64) and imgs.dtype == np.uint8
+    assert set(t.column("split").to_pylist()) <= {"train", "val", "test"}
+    lin = store.history()[0].lineage
+    assert lin["operation"] == "ingest" and lin["counts"]["seen"] == 8 and lin["config"]["size"] == 64
+
+
+def test_reingest_adds_nothing_and_batch_duplicates_are_skipped(tree: Path, tmp_path: Path) -> None:
+    store = Store(tmp_path / "store")
+    ingest([tree], store, IngestConfig(workers=1))
+    again = ingest([tree], store, IngestConfig(workers=1))
+    assert again.version is None and again.rows_added == 0
+    assert again.counts["skipped"] == 5 and again.counts["rejected"] == 3
+    assert store.version() == 0 and store.read().num_rows == 5
+    # A copy of a known file under another name, plus a new file repeated twice in one batch.
+    new = tmp_path / "new"
+    (new / "normal").mkdir(parents=True)
+    (new / "normal" / "copy.png").write_bytes((tree / "normal" / "n0.png").read_bytes())
+    _png(new / "normal" / "fresh.png", 99)
+    (new / "normal" / "fresh_again.png").write_bytes((new / "normal" / "fresh.png").read_bytes())
+    rep = ingest([new], store, IngestConfig(workers=1))
+    st = {Path(f.path).name: f.status for f in rep.files}
+    assert st == {"copy.png": "skipped", "fresh.png": "ingested", "fresh_again.png": "skipped"}
+    assert rep.version == 1 and store.read().num_rows == 6
+
+
+def test_parallel_ingest_matches_serial(tmp_path: Path) -> None:
+    root = tmp_path / "many"
+    for i in range(40):
+        _png(root / ("a" if i % 2 else "b") / f"{i:03d}.png", i)
+    s1, s2 = Store(tmp_path / "s1"), Store(tmp_path / "s2")
+    # The same key makes ids comparable across the two stores.
+    (tmp_path / "s2" / "_medvae").mkdir(parents=True)
+    ingest([root], s1, IngestConfig(workers=1))
+    (tmp_path / "s2" / "_medvae" / "store.key").write_bytes(
+        (tmp_path / "s1" / "_medvae" / "store.key").read_bytes()
+    )
+    ingest([root], s2, IngestConfig(workers=2))
+
+    def rows(s: Store) -> list[tuple[str, bytes, str]]:
+        t = s.read(columns=["id", "pixels", "label"]).to_pydict()
+        return sorted(zip(t["id"], t["pixels"], t["label"], strict=True))
+
+    assert rows(s1) == rows(s2) and len(rows(s1)) == 40
+
+
+def test_labels_from_csv_and_none(tmp_path: Path) -> None:
+    root = tmp_path / "DOE_JOHN"
+    _png(root / "a.png", 1)
+    _png(root / "b.png", 2)
+    labels = tmp_path / "labels.csv"
+    with labels.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "label"])
+        w.writerow(["DOE_JOHN/a.png", "effusion"])
+        w.writerow(["b.png", "normal"])
+    s = Store(tmp_path / "store")
+    ingest([root], s, IngestConfig(workers=1, labels_csv=labels))
+    got = sorted(s.read(columns=["label"]).column("label").to_pylist())
+    assert got == ["effusion", "normal"]
+    s2 = Store(tmp_path / "store2")
+    ingest([root], s2, IngestConfig(workers=1, labels="none"))
+    assert s2.read(columns=["label"]).column("label").to_pylist() == [None, None]
+
+
+def test_no_source_paths_in_store(tmp_path: Path) -> None:
+    root = tmp_path / "Patient_SMITH_JANE_MRN999" / "normal"
+    _png(root / "smith_jane_scan.png", 5)
+    s = Store(tmp_path / "store")
+    rep = ingest([root.parent], s, IngestConfig(workers=1))
+    assert rep.counts["ingested"] == 1
+    for f in (tmp_path / "store").rglob("*"):
+        if f.is_file():
+            data = f.read_bytes()
+            for needle in (b"SMITH", b"smith_jane", b"MRN999"):
+                assert needle not in data, f"{needle!r} leaked into {f}"
+
+
+def test_walk_handles_symlink_loops_and_missing(tmp_path: Path) -> None:
+    root = tmp_path / "src"
+    _png(root / "x" / "a.png", 1)
+    (root / "x" / "loop").symlink_to(root, target_is_directory=True)
+    walked = list(iter_files([root, tmp_path / "missing"]))
+    names = {p.name: err for p, err in walked}
+    assert names["a.png"] is None
+    assert "symlink" in (names["loop"] or "")
+    assert names["missing"] == "does not exist"
+
+
+def test_report_json(tree: Path, tmp_path: Path) -> None:
+    rep = ingest([tree], Store(tmp_path / "store"), IngestConfig(workers=1))
+    out = tmp_path / "r" / "report.json"
+    rep.write(out)
+    data = json.loads(out.read_text())
+    assert data["counts"]["seen"] == len(data["files"]) == 8
+    assert all(f["reason"] for f in data["files"] if f["status"] == "rejected")
+    assert rep.summary_line() == "ingested 5, rejected 3, skipped 0"
+
+
+def test_dicom_fixtures_are_all_accounted_for(shared_data: Path, tmp_path: Path) -> None:
+    fixtures = shared_data / "dicom_fixtures"
+    rows = list(csv.DictReader((fixtures / "FIXTURES.tsv").open(), delimiter="\t"))
+    store = Store(tmp_path / "store")
+    rep = ingest([fixtures / r["file"] for r in rows], store, IngestConfig(workers=1))
+    by_name = {Path(f.path).name: f for f in rep.files}
+    assert len(by_name) == 30 and rep.counts["skipped"] == 0
+    assert rep.counts["ingested"] + rep.counts["rejected"] == 30
+    for r in rows:
+        f = by_name[r["file"]]
+        decodes = r["decode_pydicom+pylibjpeg+gdcm"].startswith("OK")
+        policy_reject = r["Modality"] in {"SEG", "RTDOSE", "SR"}
+        if decodes and not policy_reject:
+            assert f.status == "ingested", f"{r['file']} should be ingested: {f.reason}"
+        else:
+            assert f.status == "rejected" and f.reason, f"{r['file']} should be rejected with a reason"
+    assert store.read().num_rows == rep.counts["ingested"]
