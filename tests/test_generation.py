@@ -1,0 +1,183 @@
+"""Tests for sampling, the privacy filter, synthetic DICOM and picture grids."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import torch
+from PIL import Image
+from pydicom.uid import UID, ExplicitVRLittleEndian, SecondaryCaptureImageStorage
+
+from medvae.config import ModelConfig
+from medvae.generation import (
+    interpolation_grid,
+    nearest_neighbour_distances,
+    privacy_filter,
+    privacy_threshold,
+    reconstruction_grid,
+    sample_images,
+    save_grid,
+    write_synthetic_dicom,
+)
+from medvae.model import ConvVAE
+
+SIZE = 16
+
+
+def _model(conditional: bool = False) -> ConvVAE:
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        channels=(8, 16),
+        image_size=SIZE,
+        latent_dim=4,
+        conditional=conditional,
+        num_classes=3 if conditional else 0,
+    )
+    return ConvVAE(cfg)
+
+
+def _images(n: int, seed: int = 0, size: int = SIZE) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(n, size, size), dtype=np.uint8)
+
+
+def test_sample_images_reproducible_from_seed() -> None:
+    model = _model()
+    model.train()
+    a = sample_images(model, 10, seed=7)
+    assert model.training, "sample_images must restore train mode"
+    assert a.shape == (10, SIZE, SIZE) and a.dtype == np.uint8
+    np.testing.assert_array_equal(a, sample_images(model, 10, seed=7, batch_size=3))
+    assert not np.array_equal(a, sample_images(model, 10, seed=8))
+    assert sample_images(model, 0, seed=1).shape == (0, SIZE, SIZE)
+    with pytest.raises(ValueError, match="unconditional"):
+        sample_images(model, 2, seed=0, label_index=1)
+
+
+def test_sample_images_conditional() -> None:
+    model = _model(conditional=True)
+    with pytest.raises(ValueError, match="label_index"):
+        sample_images(model, 2, seed=0)
+    a = sample_images(model, 4, seed=0, label_index=2)
+    assert not np.array_equal(a, sample_images(model, 4, seed=0, label_index=0))
+
+
+def _bruteforce_nn(q: np.ndarray, r: np.ndarray, exclude_self: bool = False) -> np.ndarray:
+    qf = q.reshape(len(q), -1).astype(np.float64) / 255
+    rf = r.reshape(len(r), -1).astype(np.float64) / 255
+    out = []
+    for i, a in enumerate(qf):
+        d = [np.sqrt(np.mean((a - b) ** 2)) for j, b in enumerate(rf) if not (exclude_self and i == j)]
+        out.append(min(d))
+    return np.array(out)
+
+
+def test_nearest_neighbour_distances_match_bruteforce() -> None:
+    q, r = _images(7, seed=1, size=5), _images(11, seed=2, size=5)
+    np.testing.assert_allclose(nearest_neighbour_distances(q, r, chunk=3), _bruteforce_nn(q, r), atol=1e-9)
+    same = np.concatenate([r, r[:1]])  # index 11 duplicates index 0: only the self-match is excluded
+    d = nearest_neighbour_distances(same, same, exclude_self=True, chunk=4)
+    np.testing.assert_allclose(d, _bruteforce_nn(same, same, exclude_self=True), atol=1e-9)
+    assert d[0] == 0.0 and d[11] == 0.0 and np.all(d[1:11] > 0)
+    assert np.all(nearest_neighbour_distances(same, same) == 0.0)
+    with pytest.raises(ValueError):
+        nearest_neighbour_distances(q, r, exclude_self=True)
+
+
+def test_privacy_filter_rejects_planted_copies() -> None:
+    rng = np.random.default_rng(0)
+    train = _images(200, seed=3)
+    threshold = privacy_threshold(train, 0.01)
+    assert threshold > 0
+    # Far samples: binary 0/255 noise, much further from uniform noise than train images are from each other.
+    far = (rng.integers(0, 2, size=(20, SIZE, SIZE)) * 255).astype(np.uint8)
+    exact = train[17:18]
+    noisy = np.clip(train[42:43].astype(int) + rng.integers(-3, 4, size=(1, SIZE, SIZE)), 0, 255).astype(
+        np.uint8
+    )
+    samples = np.concatenate([far, exact, noisy])
+    res = privacy_filter(samples, train, threshold)
+    assert res.keep[:20].all()
+    assert not res.keep[20] and not res.keep[21]
+    assert res.distances[20] == 0.0 and res.distances[21] < threshold
+    assert res.rejection_rate == pytest.approx(2 / 22)
+    # A zero threshold still never releases an exact copy.
+    assert not privacy_filter(exact, train, 0.0).keep[0]
+
+
+def test_privacy_threshold_subsamples_and_ignores_duplicates() -> None:
+    train = _images(60, seed=4)
+    full = privacy_threshold(train, 0.5)
+    sub = privacy_threshold(train, 0.5, max_reference=20, seed=1)
+    assert sub == privacy_threshold(train, 0.5, max_reference=20, seed=1)
+    assert sub >= full * 0.9  # a sparser subsample can only spread images out (up to sampling noise)
+    dup = np.concatenate([train, train[:10]])
+    assert privacy_threshold(dup, 0.0) > 0.0
+    with pytest.raises(ValueError):
+        privacy_threshold(train[:1], 0.5)
+
+
+def test_synthetic_dicom_round_trips(tmp_path: Path) -> None:
+    imgs = _images(3, seed=5)
+    paths = write_synthetic_dicom(
+        imgs, tmp_path / "dcm", labels=["NORMAL", None, "PNEUMONIA"], model_hash="abc123", seed=9
+    )
+    assert [p.name for p in paths] == ["synthetic_00000.dcm", "synthetic_00001.dcm", "synthetic_00002.dcm"]
+    sops, studies, series = set(), set(), set()
+    for img, p in zip(imgs, paths, strict=True):
+        assert p.read_bytes()[128:132] == b"DICM"  # preamble + file meta
+        ds = pydicom.dcmread(p)
+        np.testing.assert_array_equal(ds.pixel_array, img)
+        assert ds.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+        assert ds.SOPClassUID == SecondaryCaptureImageStorage == ds.file_meta.MediaStorageSOPClassUID
+        assert ds.SOPInstanceUID == ds.file_meta.MediaStorageSOPInstanceUID
+        assert ds.PhotometricInterpretation == "MONOCHROME2" and ds.BitsStored == 8
+        assert ds.PatientIdentityRemoved == "YES" and ds.BurnedInAnnotation == "NO"
+        assert ds.ConversionType == "SYN" and ds.Modality == "OT"
+        assert ds.SeriesDescription == "medvae synthetic"
+        assert "abc123" in ds.ImageComments
+        assert ds.PatientName == "" and ds.PatientID == ""
+        for tag in ("PatientBirthDate", "PatientSex", "PatientAge", "InstitutionName", "OtherPatientIDs"):
+            assert tag not in ds
+        for uid in (ds.SOPInstanceUID, ds.StudyInstanceUID, ds.SeriesInstanceUID):
+            assert UID(uid).is_valid
+        sops.add(ds.SOPInstanceUID)
+        studies.add(ds.StudyInstanceUID)
+        series.add(ds.SeriesInstanceUID)
+    assert len(sops) == 3 and len(studies) == 1 and len(series) == 1
+    assert "label=NORMAL" in pydicom.dcmread(paths[0]).ImageComments
+    again = write_synthetic_dicom(imgs[:1], tmp_path / "dcm2", labels=None, model_hash="abc123", seed=9)
+    assert pydicom.dcmread(again[0]).StudyInstanceUID not in studies
+    with pytest.raises(ValueError):
+        write_synthetic_dicom(imgs, tmp_path / "x", labels=["a"], model_hash="h", seed=0)
+
+
+def test_save_grid_size(tmp_path: Path) -> None:
+    p = save_grid(_images(10), tmp_path / "sub" / "grid.png", nrow=4, pad=2)
+    with Image.open(p) as im:
+        assert im.size == (4 * (SIZE + 2) + 2, 3 * (SIZE + 2) + 2) and im.mode == "L"
+        arr = np.asarray(im)
+    np.testing.assert_array_equal(arr[2 : 2 + SIZE, 2 : 2 + SIZE], _images(10)[0])
+    assert [q.name for q in (tmp_path / "sub").iterdir()] == ["grid.png"]  # no temp files left behind
+
+
+def test_reconstruction_and_interpolation_grids(tmp_path: Path) -> None:
+    model = _model()
+    imgs = _images(10)
+    p = reconstruction_grid(model, imgs, tmp_path / "recon.png", n=6, nrow=4)
+    with Image.open(p) as im:
+        # Two blocks of (originals row, reconstructions row), 4 wide.
+        assert im.size == (4 * (SIZE + 2) + 2, 4 * (SIZE + 2) + 2)
+    p = interpolation_grid(model, imgs[0], imgs[1], tmp_path / "interp1.png", steps=5)
+    with Image.open(p) as im:
+        assert im.size == (7 * (SIZE + 2) + 2, SIZE + 4)
+    p = interpolation_grid(model, imgs[:3], imgs[3:6], tmp_path / "interp3.png", steps=4)
+    with Image.open(p) as im:
+        assert im.size == (6 * (SIZE + 2) + 2, 3 * (SIZE + 2) + 2)
+    cmodel = _model(conditional=True)
+    with pytest.raises(ValueError):
+        interpolation_grid(cmodel, imgs[0], imgs[1], tmp_path / "c.png")
+    interpolation_grid(cmodel, imgs[0], imgs[1], tmp_path / "c.png", label=1)
+    reconstruction_grid(cmodel, imgs, tmp_path / "cr.png", labels=[0, 1, 2, 0, 1, 2, 0, 1, 2, 0])

@@ -1,0 +1,243 @@
+"""Tests for latent anomaly scores, calibration and heat maps."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from medvae.config import ModelConfig
+from medvae.losses import kl_divergence, reconstruction_nll
+from medvae.model import ConvVAE
+from medvae.scoring import (
+    SCORES,
+    Calibration,
+    LatentStats,
+    as_float_batch,
+    calibrate,
+    fit_latent_stats,
+    heatmaps,
+    ledoit_wolf,
+    percentile_among_normals,
+    save_heatmap_pngs,
+    score_batch,
+    screen,
+    threshold_at_fpr,
+)
+
+SIZE = 16
+
+
+def _model(latent: int = 4, seed: int = 0, conditional: bool = False) -> ConvVAE:
+    torch.manual_seed(seed)
+    cfg = ModelConfig(
+        channels=(8, 16),
+        image_size=SIZE,
+        latent_dim=latent,
+        conditional=conditional,
+        num_classes=2 if conditional else 0,
+    )
+    return ConvVAE(cfg)
+
+
+def _images(n: int, low: int = 0, high: int = 256, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(low, high, size=(n, SIZE, SIZE), dtype=np.uint8)
+
+
+def test_as_float_batch_accepts_uint8_and_float() -> None:
+    u8 = _images(3)
+    x = as_float_batch(u8)
+    assert x.shape == (3, 1, SIZE, SIZE) and x.dtype == torch.float32
+    assert torch.equal(as_float_batch(torch.from_numpy(u8)), x)
+    assert torch.equal(as_float_batch(x), x)
+    assert torch.equal(as_float_batch(x[:, 0]), x)
+    assert as_float_batch(u8[0]).shape == (1, 1, SIZE, SIZE)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        as_float_batch(u8.astype(np.float32))
+    with pytest.raises(ValueError):
+        as_float_batch(u8.astype(np.int32))
+
+
+def test_mahalanobis_matches_hand_computation_and_mode_is_restored() -> None:
+    model = _model()
+    imgs = _images(10)
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(4, 4))
+    stats = LatentStats(mean=rng.normal(size=4), precision=a @ a.T + np.eye(4))
+    model.train()
+    scores = score_batch(model, imgs, stats=stats, batch_size=3)
+    assert model.training, "score_batch must restore train mode"
+    assert set(scores) == set(SCORES)
+    assert all(v.dtype == np.float64 and v.shape == (10,) for v in scores.values())
+
+    model.eval()
+    with torch.no_grad():
+        x = as_float_batch(imgs)
+        mu, logvar = model.encode(x)
+        out = model(x)
+    diff = mu.double().numpy() - stats.mean
+    expected = np.sqrt(np.array([d @ stats.precision @ d for d in diff]))
+    np.testing.assert_allclose(scores["mahalanobis"], expected, rtol=1e-5)
+    np.testing.assert_allclose(
+        scores["kl"], kl_divergence(mu.double(), logvar.double()).numpy(), rtol=1e-6, atol=1e-9
+    )
+    np.testing.assert_allclose(scores["recon"], reconstruction_nll(out, x, "bce").numpy(), rtol=1e-5)
+    np.testing.assert_allclose(scores["elbo"], scores["recon"] + scores["kl"])
+
+
+def _lw_bruteforce(x: np.ndarray) -> tuple[np.ndarray, float]:
+    # Ledoit & Wolf (2004) written out term by term, to check the vectorised version.
+    n, d = x.shape
+    xc = x - x.mean(0)
+    s = xc.T @ xc / n
+    mu = np.trace(s) / d
+    delta2 = np.sum((s - mu * np.eye(d)) ** 2) / d
+    beta2 = sum(np.sum((np.outer(r, r) - s) ** 2) / d for r in xc) / n**2
+    shrink = min(beta2, delta2) / delta2
+    return (1 - shrink) * s + shrink * mu * np.eye(d), shrink
+
+
+def test_ledoit_wolf_matches_bruteforce() -> None:
+    x = np.random.default_rng(0).normal(size=(7, 5)) * np.array([1, 2, 3, 0.5, 1])
+    _, cov, shrink = ledoit_wolf(x)
+    ref_cov, ref_shrink = _lw_bruteforce(x)
+    assert shrink == pytest.approx(ref_shrink)
+    np.testing.assert_allclose(cov, ref_cov, rtol=1e-10)
+
+
+def test_shrunk_precision_is_spd_with_fewer_images_than_dims() -> None:
+    model = _model(latent=8)
+    stats = fit_latent_stats(model, _images(3))
+    p = stats.precision
+    assert p.shape == (8, 8) and stats.mean.shape == (8,) and stats.n_images == 3
+    assert np.all(np.isfinite(p))
+    np.testing.assert_array_equal(p, p.T)
+    assert np.linalg.eigvalsh(p).min() > 0
+    assert 0.0 < stats.shrinkage <= 1.0
+    with pytest.raises(ValueError):
+        fit_latent_stats(model, _images(1))
+
+
+def test_threshold_flags_at_most_fpr_of_normals() -> None:
+    vals = np.arange(1, 101, dtype=np.float64)
+    thr = threshold_at_fpr(vals, 0.05)
+    assert np.sum(vals > thr) <= 5
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 7, 19, 100, 333):
+        for fpr in (0.01, 0.05, 0.1, 0.5):
+            v = rng.normal(size=n)
+            assert np.sum(v > threshold_at_fpr(v, fpr)) <= fpr * n
+
+
+def _hand_calibration(normal: np.ndarray) -> Calibration:
+    stats = LatentStats(mean=np.zeros(2), precision=np.eye(2))
+    return Calibration("recon", threshold_at_fpr(normal, 0.05), 0.05, np.sort(normal), stats, len(normal))
+
+
+def test_percentile_among_normals_monotone_and_100_at_max() -> None:
+    cal = _hand_calibration(np.arange(1, 101, dtype=np.float64))
+    s = np.linspace(-5, 120, 500)
+    p = percentile_among_normals(s, cal)
+    assert np.all(np.diff(p) >= 0)
+    assert p[0] == 0.0 and p[-1] == 100.0
+    assert percentile_among_normals(np.array([100.0]), cal)[0] == 100.0
+    assert percentile_among_normals(np.array([50.0]), cal)[0] == 50.0
+
+
+def test_screen_flags_out_of_distribution_images() -> None:
+    # Type A: dark noisy images (the "normals"); type B: bright ones. Even a random-init encoder maps
+    # them to different latent regions, so B must sit further from the A statistics.
+    model = _model(seed=0)
+    train, val, test_a = _images(64, 0, 60, seed=1), _images(64, 0, 60, seed=2), _images(32, 0, 60, seed=3)
+    test_b = _images(32, 190, 256, seed=4)
+    cal = calibrate(model, train, val, score="mahalanobis", fpr=0.05)
+    assert cal.n_val == 64 and np.sum(cal.normal_scores > cal.threshold) <= 0.05 * 64
+    ra, rb = screen(model, test_a, cal), screen(model, test_b, cal)
+    assert set(ra) == {*SCORES, "score", "percentile", "flag"}
+    assert ra["flag"].dtype == bool
+    np.testing.assert_array_equal(ra["score"], ra["mahalanobis"])
+    assert rb["mahalanobis"].mean() > 3 * ra["mahalanobis"].mean()
+    assert rb["flag"].mean() > ra["flag"].mean()
+    assert rb["flag"].all() and rb["percentile"].min() == 100.0
+
+
+def test_calibration_round_trips_through_json_and_safetensors() -> None:
+    model = _model()
+    cal = calibrate(model, _images(20, seed=1), _images(15, seed=2), score="elbo", fpr=0.1, recon_kind="mse")
+    meta, tensors = cal.to_files()
+    meta2 = json.loads(json.dumps(meta))
+    tensors2 = st_load(st_save(tensors))
+    back = Calibration.from_files(meta2, tensors2)
+    assert (back.score, back.threshold, back.fpr, back.n_val, back.recon_kind, back.default_label) == (
+        "elbo",
+        cal.threshold,
+        0.1,
+        15,
+        "mse",
+        None,
+    )
+    np.testing.assert_array_equal(back.normal_scores, cal.normal_scores)
+    np.testing.assert_array_equal(back.stats.mean, cal.stats.mean)
+    np.testing.assert_array_equal(back.stats.precision, cal.stats.precision)
+    assert back.stats.shrinkage == cal.stats.shrinkage and back.stats.n_images == 20
+    # The tensors own their memory: writing to them must not change the calibration.
+    tensors["normal_scores"].zero_()
+    assert cal.normal_scores.max() > 0
+    with pytest.raises(ValueError):
+        Calibration.from_files({**meta2, "format": "other"}, tensors2)
+
+
+def test_conditional_model_needs_labels_or_default() -> None:
+    model = _model(conditional=True)
+    imgs = _images(6)
+    with pytest.raises(ValueError, match="default_label"):
+        fit_latent_stats(model, imgs)
+    cal = calibrate(model, imgs, _images(4, seed=5), train_labels=[0, 1, 0, 1, 0, 1], default_label=0)
+    assert cal.default_label == 0
+    meta, tensors = cal.to_files()
+    assert Calibration.from_files(json.loads(json.dumps(meta)), tensors).default_label == 0
+    # Screening new scans without labels scores them against the stored normal class ...
+    unlabelled = screen(model, imgs, cal)
+    as_normal = screen(model, imgs, cal, labels=np.zeros(6, dtype=np.int64))
+    np.testing.assert_array_equal(unlabelled["score"], as_normal["score"])
+    # ... and unknown (-1) labels are filled the same way.
+    mixed = screen(model, imgs, cal, labels=np.array([-1, 1, -1, 1, -1, 1]))
+    as_given = screen(model, imgs, cal, labels=np.array([0, 1, 0, 1, 0, 1]))
+    np.testing.assert_array_equal(mixed["score"], as_given["score"])
+    with pytest.raises(ValueError, match=r"0\.\.1"):
+        screen(model, imgs, cal, labels=np.full(6, 2))
+
+
+def test_heatmaps_equal_abs_error_of_eval_reconstruction() -> None:
+    model = _model()
+    imgs = _images(5)
+    maps = heatmaps(model, imgs)
+    assert maps.shape == (5, SIZE, SIZE) and maps.dtype == np.float32
+    model.eval()
+    with torch.no_grad():
+        x = as_float_batch(imgs)
+        expected = (x - model(x).recon).abs()[:, 0].numpy()
+    np.testing.assert_allclose(maps, expected, atol=1e-6)
+
+
+def test_save_heatmap_pngs_sanitises_names(tmp_path: Path) -> None:
+    out = tmp_path / "maps"
+    imgs = _images(5)
+    maps = np.random.default_rng(0).random((5, SIZE, SIZE))
+    names = ["../../evil", "a/b\\c", "ok name", "..", "ok_name"]
+    paths = save_heatmap_pngs(imgs, maps, out, names, scale=2, gap=2)
+    assert len(paths) == 5 and len(set(paths)) == 5
+    for p in paths:
+        assert p.resolve().parent == out.resolve() and p.exists()
+        assert all(c.isalnum() or c in "._-" for c in p.name) and not p.name.startswith(".")
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["maps"]
+    with Image.open(paths[0]) as im:
+        assert im.mode == "RGB" and im.size == ((2 * SIZE + 2) * 2, SIZE * 2)
+        left = np.asarray(im)[::2, : 2 * SIZE : 2, 0]
+    np.testing.assert_array_equal(left, imgs[0])
