@@ -67,7 +67,7 @@ def run_cli(fn: Callable[[], T]) -> T:
 def _fail(msg: str, exc: BaseException) -> None:
     if _STATE["debug"]:
         console.print_exception()
-    console.print(f"[bold red]error:[/] {msg}", highlight=False)
+    console.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
     raise typer.Exit(1) from exc
 
 
@@ -129,7 +129,7 @@ def ingest(
             rep.write(report)
         for f in rep.files:
             if f.status == "rejected":
-                console.print(f"[yellow]rejected[/] {f.path}: {f.reason}", highlight=False, markup=True)
+                console.print(f"[yellow]rejected[/] {f.path}: {f.reason}", highlight=False, soft_wrap=True)
         where = (
             f"version {rep.version} of {store}" if rep.version is not None else f"{store} (no new version)"
         )
@@ -336,7 +336,7 @@ def screen(
                 )
             out.print(table)
         for r in res["rejected_files"]:
-            console.print(f"[yellow]rejected[/] {r['file']}: {r['reason']}", highlight=False)
+            console.print(f"[yellow]rejected[/] {r['file']}: {r['reason']}", highlight=False, soft_wrap=True)
         out.print(
             f"scored {res['scored']}, flagged {res['flagged']}, rejected {res['rejected']}", highlight=False
         )

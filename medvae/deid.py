@@ -78,3 +78,24 @@ def split_for(key: bytes, group: str, fractions: tuple[float, float, float]) -> 
     if u < train + val:
         return "val"
     return "test"
+
+
+# Config keys whose values are operator file paths. Folder names often carry patient names, so lineage
+# written into the store records that such a path was given, never the path itself.
+PATH_KEYS = frozenset({"sources", "labels_csv", "write_dicom"})
+
+
+def redact_config(config: Any) -> Any:
+    """A copy of a JSON-able config with every source/label path replaced by a placeholder."""
+    if isinstance(config, dict):
+        out: dict[str, Any] = {}
+        for k, v in config.items():
+            if k in PATH_KEYS and v is not None:
+                n = len(v) if isinstance(v, list) else 1
+                out[k] = f"<{n} path{'s' if n != 1 else ''}, not recorded>"
+            else:
+                out[k] = redact_config(v)
+        return out
+    if isinstance(config, list):
+        return [redact_config(v) for v in config]
+    return config

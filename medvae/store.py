@@ -100,10 +100,15 @@ def git_commit() -> str | None:
 
 
 def lineage(operation: str, config: dict[str, Any], **extra: Any) -> dict[str, Any]:
-    """Commit metadata recorded with every version: what ran, how, on what, by which code."""
+    """Commit metadata recorded with every version: what ran, how, on what, by which code.
+
+    Paths in the config (sources, label CSVs) are redacted: folder names often carry patient names.
+    """
+    from medvae.deid import redact_config
+
     return {
         "operation": operation,
-        "config": config,
+        "config": redact_config(config),
         "medvae_version": __version__,
         "git_commit": git_commit(),
         **extra,

@@ -43,3 +43,18 @@ def test_split_is_grouped_stable_and_proportional() -> None:
     share = {s: splits.count(s) / len(splits) for s in ("train", "val", "test")}
     assert 0.76 < share["train"] < 0.84 and 0.08 < share["val"] < 0.12 and 0.08 < share["test"] < 0.12
     assert split_for(b"1" * 32, "patient1", (0.0, 0.0, 1.0)) == "test"
+
+
+def test_redact_config_removes_paths_at_any_depth() -> None:
+    from medvae.deid import redact_config
+
+    cfg = {
+        "sources": ["/data/DOE_JOHN", "/x"],
+        "ingest": {"labels_csv": "/p/SMITH/l.csv", "size": 64},
+        "n": [1],
+    }
+    out = redact_config(cfg)
+    assert "DOE_JOHN" not in repr(out) and "SMITH" not in repr(out)
+    assert out["ingest"]["size"] == 64 and out["n"] == [1]
+    assert out["sources"] == "<2 paths, not recorded>"
+    assert redact_config({"labels_csv": None}) == {"labels_csv": None}
