@@ -56,7 +56,9 @@ def test_safe_name() -> None:
 def test_dataset_reads_any_version(tmp_path: Path) -> None:
     s = _store(tmp_path)
     extra = empty_rows()
-    extra.update(id=["syn"], height=[64], width=[64], pixels=[bytes(4096)], origin=["synthetic"], label=["normal"])
+    extra.update(
+        id=["syn"], height=[64], width=[64], pixels=[bytes(4096)], origin=["synthetic"], label=["normal"]
+    )
     s.insert_new(to_arrow(extra), lineage("augment", {}))
     ds0 = StoreDataset(str(tmp_path / "store"), version=0)
     ds1 = StoreDataset(str(tmp_path / "store"))

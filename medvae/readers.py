@@ -1,0 +1,834 @@
+"""Decode DICOM, PNG and JPEG files into windowed greyscale images with an allow-list of technical metadata.
+
+Every file ends in one of two ways: a list of :class:`DecodedImage` (float32 in ``[0, 1]``, bright =
+dense, at the stored resolution) or a :class:`RejectedInput` whose message says what is wrong and,
+where there is one, what to change. Nothing else escapes: a file from an archive is untrusted input,
+and one bad file must never stop an ingest of thousands.
+
+Policies, and why:
+
+* **Not scans.** DICOM objects that carry pixels but are not acquisitions of a patient (segmentation
+  masks, radiotherapy dose grids, structure sets, plans, reports, presentation states, key-object
+  notes, encapsulated documents, waveforms, registrations, raw data) are rejected: training a
+  generative model of anatomy on label masks or dose clouds teaches it the wrong distribution.
+* **Burned-in annotation.** With ``reject_burned_in`` a DICOM that declares
+  ``BurnedInAnnotation = YES`` is rejected, because its pixels may carry the patient's name or ID,
+  which no metadata scrubbing removes.
+* **Multi-frame.** ``multiframe: middle`` keeps only frame ``n_frames // 2``: the middle of a cine
+  loop or stack is representative of it, whereas every frame would multiply strongly correlated
+  near-duplicates into the training set (and leak across splits as if they were independent scans).
+  ``multiframe: all`` yields one image per frame for callers that want them anyway.
+* **Memory bound.** Declared sizes are checked against ``max_pixels`` *before* anything is decoded
+  (DICOM ``Rows × Columns × samples × frames decoded``, PNG/JPEG header size), so a forged header
+  cannot make the decoder allocate gigabytes.
+* **Metadata.** Only the technical attributes in :data:`META_KEYS` are returned, and never
+  patient, physician, institution, date, instance UID or private data. The one exception is
+  ``patient_ref`` (the raw PatientID), returned separately so the caller can replace it with a keyed
+  hash for patient-level splitting; it must never be stored.
+
+Intensity pipeline for greyscale DICOM (PS3.3 C.11): stored values → Modality LUT (rescale
+slope/intercept or Modality LUT Sequence, giving e.g. Hounsfield units) → VOI (the first VOI LUT, else
+the first Window Center/Width, else a robust percentile window) → ``[0, 1]`` → inverted for
+MONOCHROME1 so that bright always means dense. Colour (RGB, YBR, palette) is reduced to BT.601
+luminance of the values scaled by their maximum, without further windowing.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from io import BytesIO
+from pathlib import Path, PurePath
+from typing import Any, Literal
+
+import numpy as np
+import pydicom
+import pydicom.uid
+from PIL import Image, ImageOps, UnidentifiedImageError
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, pixel_array
+
+from medvae.config import IngestConfig
+from medvae.transforms import luminance, percentile_window, window
+
+__all__ = [
+    "META_KEYS",
+    "SNIFF_BYTES",
+    "DecodedImage",
+    "RejectedInput",
+    "decode_bytes",
+    "decode_file",
+    "sniff_format",
+]
+
+# The only keys ever present in DecodedImage.meta. Everything here is a technical property of the
+# acquisition or encoding; none of it identifies a person, place or time.
+META_KEYS: frozenset[str] = frozenset(
+    {
+        "source_format",
+        "modality",
+        "photometric",
+        "orig_rows",
+        "orig_cols",
+        "pixel_spacing",
+        "bits_stored",
+        "transfer_syntax",
+        "sop_class",
+        "window",
+        "body_part",
+        "view_position",
+    }
+)
+
+# How many leading bytes sniff_format needs: the 128-byte DICOM preamble plus "DICM".
+SNIFF_BYTES = 132
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_JPEG_SOI = b"\xff\xd8\xff"
+_DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})
+# A data set written without preamble and File Meta starts with its lowest group, which in practice is
+# 0002 (a meta group without preamble) or 0008 (Identifying module). Either byte order.
+_RAW_DATASET_FIRST_GROUPS = frozenset({0x0002, 0x0008})
+
+_PIXEL_DATA_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+_MONOCHROME = frozenset({"MONOCHROME1", "MONOCHROME2"})
+_COLOUR = frozenset({"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420"})
+
+# SOP classes that carry no acquisition of a patient, matched (re.search) against the SOP Class UID
+# keyword (e.g. "ComprehensiveSRStorage"), with the reason a person reads. Anchored where a loose
+# match would catch an image class (e.g. "Plan" is in XRayAngiographicBiPlaneImageStorage).
+_NON_SCAN_SOP_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = tuple(
+    (re.compile(pattern), why)
+    for pattern, why in (
+        (r"Segmentation", "a segmentation (a label mask derived from a scan), not a scan"),
+        (r"^RTDose", "a radiotherapy dose grid, not a scan"),
+        (r"^RTStructureSet", "a radiotherapy structure set (contours), not a scan"),
+        (r"^RT\w*PlanStorage$", "a radiotherapy plan, not a scan"),
+        (r"TreatmentRecord", "a radiotherapy treatment record, not a scan"),
+        (r"SRStorage", "a structured report (a document), not a scan"),
+        (r"PresentationState", "a presentation state (display settings), not a scan"),
+        (r"^KeyObjectSelection", "a key-object selection (a list of references), not a scan"),
+        (r"^Encapsulated", "an encapsulated document, not a scan"),
+        (r"Waveform", "a waveform recording, not a scan"),
+        (r"Registration", "a spatial registration, not a scan"),
+        (r"^RawData", "raw acquisition data, not a reconstructed scan"),
+    )
+)
+# The same policy by Modality, for files whose SOP Class UID is missing, private or unknown.
+_NON_SCAN_MODALITIES: dict[str, str] = {
+    "SEG": "a segmentation (a label mask derived from a scan), not a scan",
+    "RTDOSE": "a radiotherapy dose grid, not a scan",
+    "RTSTRUCT": "a radiotherapy structure set (contours), not a scan",
+    "RTPLAN": "a radiotherapy plan, not a scan",
+    "RTRECORD": "a radiotherapy treatment record, not a scan",
+    "PLAN": "a plan, not a scan",
+    "SR": "a structured report (a document), not a scan",
+    "PR": "a presentation state (display settings), not a scan",
+    "KO": "a key-object selection (a list of references), not a scan",
+    "DOC": "an encapsulated document, not a scan",
+    "REG": "a spatial registration, not a scan",
+    "FID": "a set of fiducials, not a scan",
+    "ECG": "a waveform recording, not a scan",
+    "HD": "a waveform recording, not a scan",
+    "AU": "an audio recording, not a scan",
+}
+
+# A generous bound on everything in a data set except its pixels, for the deflate guard below.
+_NON_PIXEL_BYTES_ALLOWANCE = 64 * 2**20
+
+
+class RejectedInput(Exception):
+    """A file that cannot or must not become a scan; str(exc) is a reason a person can act on."""
+
+    def __init__(self, reason: str) -> None:
+        # Passing reason to Exception keeps the exception picklable, so it crosses process pools intact.
+        super().__init__(reason)
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return self.reason
+
+
+@dataclass(frozen=True, eq=False)
+class DecodedImage:
+    """One decoded, windowed greyscale image and the technical facts about where it came from.
+
+    ``pixels`` is float32, 2-D, in ``[0, 1]``, windowed, with bright = dense (MONOCHROME2 sense), at
+    the stored resolution, except that a JPEG may come out DCT-downscaled by 2, 4 or 8 (to no less
+    than twice the configured output side; ``meta`` still gives the original size).
+
+    ``eq=False``: equality and hashing by identity, since field-wise comparison of arrays is ambiguous.
+    """
+
+    pixels: np.ndarray
+    meta: dict[str, Any]
+    patient_ref: str | None
+    frame_index: int
+    n_frames: int
+
+
+def sniff_format(head: bytes, name: str) -> Literal["dicom", "png", "jpeg", "other"]:
+    """Tell the container format from the first bytes, falling back to the file name for raw DICOM.
+
+    Magic bytes decide first: ``DICM`` at offset 128, the PNG signature, a JPEG start-of-image marker.
+    A DICOM data set stored without preamble and File Meta has no magic, so it is accepted on the name
+    alone when that ends in ``.dcm``/``.dicom``, and for extensionless (or UID-named, e.g.
+    ``1.2.840.113619.2.55``) names only when the first tag looks like the start of a data set;
+    whether it really parses is decided by :func:`decode_bytes`.
+
+    Args:
+        head: the first bytes of the file; :data:`SNIFF_BYTES` are enough.
+        name: the file name or path, used only for the fallback.
+
+    Returns:
+        ``"dicom"``, ``"png"``, ``"jpeg"`` or ``"other"``.
+    """
+    if len(head) >= SNIFF_BYTES and head[128:132] == b"DICM":
+        return "dicom"
+    if head.startswith(_PNG_SIGNATURE):
+        return "png"
+    if head.startswith(_JPEG_SOI):
+        return "jpeg"
+    suffix = PurePath(name).suffix.lower()
+    if suffix in _DICOM_SUFFIXES:
+        return "dicom"
+    if (suffix == "" or suffix[1:].isdigit()) and len(head) >= 8:
+        group_le = int.from_bytes(head[0:2], "little")
+        group_be = int.from_bytes(head[0:2], "big")
+        if group_le in _RAW_DATASET_FIRST_GROUPS or group_be in _RAW_DATASET_FIRST_GROUPS:
+            return "dicom"
+    return "other"
+
+
+def decode_file(path: Path, cfg: IngestConfig) -> list[DecodedImage]:
+    """Read a file (refusing anything over ``cfg.max_file_bytes``) and decode it.
+
+    Args:
+        path: the file to read.
+        cfg: ingest settings (size limits, windowing and policies).
+
+    Returns:
+        One image, or one per frame for a multi-frame DICOM with ``multiframe: all``.
+
+    Raises:
+        RejectedInput: the file is unreadable, too large, not a supported format, broken, or refused
+            by policy; the message says which.
+    """
+    try:
+        if not path.exists():
+            raise RejectedInput("file not found (moved or deleted since it was listed?)")
+        if not path.is_file():
+            raise RejectedInput("not a regular file (a directory, device or pipe)")
+        size = path.stat().st_size
+        if size > cfg.max_file_bytes:
+            raise RejectedInput(
+                f"file is {size} bytes, over max_file_bytes={cfg.max_file_bytes}; not read "
+                "(raise max_file_bytes to ingest it)"
+            )
+        with path.open("rb") as fh:
+            # Bounded read: the file may have grown since stat().
+            data = fh.read(cfg.max_file_bytes + 1)
+    except OSError as exc:
+        raise RejectedInput(f"cannot read file: {exc.strerror or exc}") from exc
+    return decode_bytes(data, path.name, cfg)
+
+
+def decode_bytes(data: bytes, name: str, cfg: IngestConfig) -> list[DecodedImage]:
+    """Decode an in-memory DICOM, PNG or JPEG file into windowed greyscale images.
+
+    Args:
+        data: the whole file.
+        name: the file name, used only to sniff raw DICOM (see :func:`sniff_format`).
+        cfg: ingest settings (size limits, windowing and policies).
+
+    Returns:
+        One image, or one per frame for a multi-frame DICOM with ``multiframe: all``.
+
+    Raises:
+        RejectedInput: the bytes are empty, too large, not a supported format, broken, or refused by
+            policy; the message says which.
+    """
+    if len(data) == 0:
+        raise RejectedInput("empty file (0 bytes)")
+    if len(data) > cfg.max_file_bytes:
+        raise RejectedInput(
+            f"file is {len(data)} bytes, over max_file_bytes={cfg.max_file_bytes} "
+            "(raise max_file_bytes to ingest it)"
+        )
+    # Pillow's bomb guard reads this module-level limit (also when pydicom falls back to Pillow for
+    # JPEG 2000); align it with the config so that Pillow neither refuses images the config allows nor
+    # is looser than it. The explicit header checks below stay authoritative (Pillow only raises above
+    # twice the limit).
+    Image.MAX_IMAGE_PIXELS = cfg.max_pixels
+    fmt = sniff_format(data[:SNIFF_BYTES], name)
+    if fmt == "dicom":
+        return _decode_dicom(data, cfg)
+    if fmt in ("png", "jpeg"):
+        return [_decode_raster(data, fmt, cfg)]
+    raise RejectedInput(
+        f"not a DICOM, PNG or JPEG file (first bytes {data[:8].hex(' ')}: no DICM marker at offset 128, "
+        "no PNG signature, no JPEG start-of-image, and no .dcm extension)"
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Shared helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception as one short line: decoders raise multi-line messages and reprs of buffers."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    text = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "the data", text)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _empty_meta(source_format: str) -> dict[str, Any]:
+    meta: dict[str, Any] = dict.fromkeys(sorted(META_KEYS))
+    meta["source_format"] = source_format
+    return meta
+
+
+# --------------------------------------------------------------------------------------------------
+# PNG / JPEG
+# --------------------------------------------------------------------------------------------------
+
+_GREY_8 = frozenset({"L", "LA", "La"})
+_GREY_WIDE = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+_PHOTOMETRIC_BY_MODE = {
+    "1": "MONOCHROME2",
+    "L": "MONOCHROME2",
+    "LA": "MONOCHROME2",
+    "La": "MONOCHROME2",
+    "I": "MONOCHROME2",
+    "I;16": "MONOCHROME2",
+    "I;16L": "MONOCHROME2",
+    "I;16B": "MONOCHROME2",
+    "I;16N": "MONOCHROME2",
+    "F": "MONOCHROME2",
+    "P": "PALETTE COLOR",
+    "PA": "PALETTE COLOR",
+    "CMYK": "CMYK",
+    "YCbCr": "YBR_FULL",
+}
+_BITS_BY_MODE = {"1": 1, "I": 32, "F": 32, "I;16": 16, "I;16L": 16, "I;16B": 16, "I;16N": 16}
+
+
+def _decode_raster(data: bytes, fmt: Literal["png", "jpeg"], cfg: IngestConfig) -> DecodedImage:
+    label = fmt.upper()
+    try:
+        # Image.open only parses the header; no pixel data is decoded until load().
+        img = Image.open(BytesIO(data), formats=[label])
+    except Image.DecompressionBombError as exc:
+        raise RejectedInput(
+            f"{label} header declares too many pixels ({_one_line(exc)}), over max_pixels={cfg.max_pixels}; "
+            "not decoded (decompression-bomb guard; raise max_pixels to ingest it)"
+        ) from exc
+    except UnidentifiedImageError as exc:
+        raise RejectedInput(f"corrupt or truncated {label} header: Pillow cannot parse it") from exc
+    except Exception as exc:
+        raise RejectedInput(f"corrupt {label} header: {_one_line(exc)}") from exc
+
+    cols, rows = img.size
+    if rows < 1 or cols < 1:
+        raise RejectedInput(f"{label} declares an empty image ({cols}×{rows})")
+    if rows * cols > cfg.max_pixels:
+        raise RejectedInput(
+            f"{label} declares {cols}×{rows} = {rows * cols} pixels, over max_pixels={cfg.max_pixels}; "
+            "not decoded (decompression-bomb guard; raise max_pixels to ingest it)"
+        )
+    source_mode = img.mode
+    if fmt == "jpeg" and img.mode in ("L", "RGB", "YCbCr"):
+        # Decode in the DCT domain at 1/2, 1/4 or 1/8 scale, never below twice the output side, so
+        # the later area downsample still has enough pixels to be anti-aliased. Asking for "L" makes
+        # libjpeg emit the Y channel, which is BT.601 luma: the same weights luminance() uses.
+        target = 2 * cfg.size
+        img.draft("L", (target, target))
+    try:
+        img.load()
+        # A photo of a film taken with a phone may rely on EXIF orientation; DICOM-derived files
+        # carry none and are left as they are.
+        transposed = ImageOps.exif_transpose(img)
+    except Image.DecompressionBombError as exc:
+        raise RejectedInput(f"{label} is a decompression bomb: {_one_line(exc)}") from exc
+    except Exception as exc:
+        msg = _one_line(exc)
+        kind = "truncated" if "truncat" in msg.lower() else "corrupt"
+        raise RejectedInput(f"{kind} {label}: {msg}") from exc
+    if transposed is not None and transposed.size != img.size:
+        rows, cols = cols, rows
+    loaded: Image.Image = transposed if transposed is not None else img
+
+    try:
+        pixels, window_kind = _raster_to_grey(loaded)
+    except Exception as exc:
+        raise RejectedInput(
+            f"cannot convert {label} mode {loaded.mode!r} to greyscale: {_one_line(exc)}"
+        ) from exc
+
+    meta = _empty_meta(fmt)
+    meta.update(
+        photometric=_PHOTOMETRIC_BY_MODE.get(source_mode, "RGB"),
+        orig_rows=rows,
+        orig_cols=cols,
+        bits_stored=_BITS_BY_MODE.get(source_mode, 8),
+        window=window_kind,
+    )
+    return DecodedImage(pixels=pixels, meta=meta, patient_ref=None, frame_index=0, n_frames=1)
+
+
+def _raster_to_grey(img: Image.Image) -> tuple[np.ndarray, Literal["dtype", "percentile"]]:
+    """Pixels of a loaded Pillow image as float32 ``[0, 1]`` greyscale, and how they were scaled."""
+    mode = img.mode
+    if mode == "1":
+        return np.asarray(img, dtype=np.float32), "dtype"
+    if mode == "L":
+        return np.asarray(img, dtype=np.float32) * np.float32(1 / 255), "dtype"
+    if mode in _GREY_8:
+        return np.asarray(img.getchannel(0), dtype=np.float32) * np.float32(1 / 255), "dtype"
+    if mode in _GREY_WIDE or mode == "F":
+        # The stored bit depth of a 16-bit PNG is unknown (12-bit detectors are common), so scaling by
+        # 65535 would leave most images nearly black: window on the image's own distribution.
+        arr = np.asarray(img)
+        if not arr.dtype.isnative:
+            arr = arr.astype(arr.dtype.newbyteorder("="))
+        return percentile_window(arr), "percentile"
+    if mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    elif mode not in ("RGB", "RGBA", "RGBX", "RGBa"):
+        # Palette, CMYK, YCbCr, LAB, HSV, PA: let Pillow produce RGB (PA keeps its alpha to drop below).
+        img = img.convert("RGBA" if mode == "PA" else "RGB")
+    rgb = np.asarray(img)[..., :3]
+    return _rgb_to_grey(rgb, 255), "dtype"
+
+
+def _rgb_to_grey(rgb: np.ndarray, max_value: float) -> np.ndarray:
+    """BT.601 luminance of ``rgb / max_value``; an image whose channels are all equal stays exact."""
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    scale = np.float32(1.0 / max_value)
+    if np.array_equal(r, g) and np.array_equal(g, b):
+        # Grey stored as RGB (common in exported X-rays): skip the weighted sum and its rounding.
+        return np.asarray(r, dtype=np.float32) * scale
+    return np.clip(luminance(rgb) * scale, 0.0, 1.0)
+
+
+# --------------------------------------------------------------------------------------------------
+# DICOM
+# --------------------------------------------------------------------------------------------------
+
+
+def _decode_dicom(data: bytes, cfg: IngestConfig) -> list[DecodedImage]:
+    try:
+        return _decode_dicom_checked(data, cfg)
+    except RejectedInput:
+        raise
+    except MemoryError as exc:
+        raise RejectedInput("out of memory while decoding the DICOM (lower workers or max_pixels)") from exc
+    except Exception as exc:
+        # Malformed files trip pydicom in many places (bad VRs, odd lengths, LUTs that do not match
+        # their descriptors); every one of them is a property of the file, so it becomes a rejection.
+        raise RejectedInput(f"malformed DICOM: {type(exc).__name__}: {_one_line(exc)}") from exc
+
+
+def _decode_dicom_checked(data: bytes, cfg: IngestConfig) -> list[DecodedImage]:
+    has_preamble = data[128:132] == b"DICM"
+    _guard_deflate(data, cfg)
+    try:
+        ds = pydicom.dcmread(BytesIO(data), force=True)
+    except Exception as exc:
+        raise RejectedInput(f"unreadable DICOM: {_one_line(exc)}") from exc
+    if not has_preamble:
+        _require_plausible_dataset(ds)
+    ts = _ensure_transfer_syntax(ds)
+    sop_name = _uid_name(_sop_class_uid(ds))
+    modality = _text(ds.get("Modality"))
+
+    if not any(kw in ds for kw in _PIXEL_DATA_KEYWORDS):
+        what = sop_name or (f"Modality {modality}" if modality else "this object")
+        if sop_name and "Image" in sop_name:
+            raise RejectedInput(
+                f"no pixel data although {sop_name} is an image class: the file is probably truncated"
+            )
+        raise RejectedInput(f"no pixel data: {what} is not an image (e.g. structured report)")
+    _check_scan_policy(ds, sop_name, modality)
+
+    rows, cols = _positive_int(ds.get("Rows")), _positive_int(ds.get("Columns"))
+    if rows is None or cols is None:
+        raise RejectedInput(f"invalid image size: Rows={ds.get('Rows')!r}, Columns={ds.get('Columns')!r}")
+    spp = _positive_int(ds.get("SamplesPerPixel")) or 1
+    if spp not in (1, 3):
+        raise RejectedInput(f"unsupported SamplesPerPixel={spp} (only 1 or 3)")
+    n_frames = _positive_int(ds.get("NumberOfFrames")) or 1
+    # Bound what will actually be decoded: one frame for "middle" (pydicom decodes just that frame),
+    # every frame for "all". Checked before the frame list exists, as NumberOfFrames may be forged.
+    n_decoded = n_frames if cfg.multiframe == "all" else 1
+    decoded_pixels = rows * cols * spp * n_decoded
+    if decoded_pixels > cfg.max_pixels:
+        raise RejectedInput(
+            f"declared size {rows}×{cols}×{spp} samples×{n_decoded} frame(s) = {decoded_pixels} values, "
+            f"over max_pixels={cfg.max_pixels}; not decoded (raise max_pixels to ingest it)"
+        )
+    frames = list(range(n_frames)) if cfg.multiframe == "all" else [n_frames // 2]
+    if _positive_int(ds.get("BitsAllocated")) == 1:
+        raise RejectedInput("1-bit pixels (BitsAllocated=1): a binary mask, not a scan")
+
+    if cfg.reject_burned_in and (_text(ds.get("BurnedInAnnotation")) or "").upper() == "YES":
+        raise RejectedInput(
+            "BurnedInAnnotation YES: pixels may carry burned-in patient text; rejected by policy "
+            "(set reject_burned_in: false to ingest)"
+        )
+
+    photometric = _text(ds.get("PhotometricInterpretation")) or ("MONOCHROME2" if spp == 1 else "RGB")
+    if photometric not in _MONOCHROME | _COLOUR and photometric != "PALETTE COLOR":
+        raise RejectedInput(f"unsupported PhotometricInterpretation {photometric!r}")
+
+    raw_frames = _decode_frames(ds, ts, frames, n_frames)
+    signed_codestream = _j2k_signed_despite_header(ds, ts, n_frames, photometric)
+    meta_base = _dicom_meta(ds, ts, sop_name, modality, photometric, rows, cols)
+    patient_id = ds.get("PatientID")
+    # Not _text(): an identifier must never be shortened (two long IDs could collide after hashing).
+    patient_ref = (str(patient_id).strip().strip("\x00").strip() or None) if patient_id is not None else None
+
+    out: list[DecodedImage] = []
+    for frame_index, raw in zip(frames, raw_frames, strict=True):
+        expected = (rows, cols) if spp == 1 else (rows, cols, 3)
+        if raw.shape != expected:
+            raise RejectedInput(f"decoded frame has shape {raw.shape}, but the header declares {expected}")
+        if not raw.dtype.isnative:
+            # Explicit VR Big Endian gives '>i2' arrays; LUT indexing and arithmetic want native order.
+            raw = raw.astype(raw.dtype.newbyteorder("="))
+        if signed_codestream and raw.dtype.kind == "u":
+            raw = raw.view(np.dtype(f"i{raw.dtype.itemsize}"))
+        pixels, window_kind = _dicom_frame_to_grey(raw, ds, frame_index, photometric, cfg)
+        meta = dict(meta_base, window=window_kind)
+        out.append(
+            DecodedImage(
+                pixels=pixels, meta=meta, patient_ref=patient_ref, frame_index=frame_index, n_frames=n_frames
+            )
+        )
+    return out
+
+
+def _guard_deflate(data: bytes, cfg: IngestConfig) -> None:
+    """Refuse a Deflated Explicit VR data set that would inflate past the memory bound.
+
+    pydicom inflates the whole data set in one ``zlib.decompress`` call with no limit, so a small
+    file could expand to many gigabytes before any size check runs. Inflate it here first with a cap.
+    """
+    if data[128:132] != b"DICM" or pydicom.uid.DeflatedExplicitVRLittleEndian.encode() not in data[:4096]:
+        return
+    from pydicom.filereader import _read_file_meta_info, read_preamble  # private but stable since 2.x
+
+    fp = BytesIO(data)
+    read_preamble(fp, False)
+    file_meta = _read_file_meta_info(fp)
+    if file_meta.get("TransferSyntaxUID") != pydicom.uid.DeflatedExplicitVRLittleEndian:
+        return
+    limit = cfg.max_pixels * 8 + _NON_PIXEL_BYTES_ALLOWANCE
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    try:
+        inflated = inflater.decompress(data[fp.tell() :], limit)
+    except zlib.error as exc:
+        raise RejectedInput(f"corrupt Deflated Explicit VR Little Endian data set: {exc}") from exc
+    if inflater.unconsumed_tail or len(inflated) >= limit:
+        raise RejectedInput(
+            f"Deflated data set inflates to more than {limit} bytes (max_pixels={cfg.max_pixels}); "
+            "not decoded (decompression-bomb guard)"
+        )
+
+
+def _require_plausible_dataset(ds: Dataset) -> None:
+    """A file without preamble is only DICOM if it parsed into real attributes, not noise."""
+    from pydicom.datadict import dictionary_has_tag
+
+    tags = list(ds.keys())
+    standard = [t for t in tags if not t.is_private and dictionary_has_tag(t)]
+    if not standard or not any(kw in ds for kw in ("SOPClassUID", "Modality", "Rows", *_PIXEL_DATA_KEYWORDS)):
+        first = f"first element {tags[0]}" if tags else "no elements"
+        raise RejectedInput(
+            "no DICOM preamble or File Meta header, and the bytes do not parse as a DICOM data set "
+            f"({first}, no standard image attributes): the file is truncated, shifted or not DICOM"
+        )
+
+
+def _ensure_transfer_syntax(ds: Dataset) -> pydicom.uid.UID:
+    """The transfer syntax; for a file without File Meta, the encoding pydicom detected while reading."""
+    file_meta = getattr(ds, "file_meta", None)
+    ts = file_meta.get("TransferSyntaxUID") if file_meta is not None else None
+    if ts:
+        return pydicom.uid.UID(str(ts))
+    pixel = next((ds[kw] for kw in _PIXEL_DATA_KEYWORDS if kw in ds), None)
+    if pixel is not None and pixel.is_undefined_length:
+        raise RejectedInput(
+            "compressed (encapsulated) pixel data but no File Meta header: the codec is unknown"
+        )
+    implicit, little = ds.original_encoding[:2]
+    if implicit:
+        ts = pydicom.uid.ImplicitVRLittleEndian
+    elif little is False:
+        ts = pydicom.uid.ExplicitVRBigEndian
+    else:
+        ts = pydicom.uid.ExplicitVRLittleEndian
+    ds.ensure_file_meta()
+    ds.file_meta.TransferSyntaxUID = ts
+    return ts
+
+
+def _check_scan_policy(ds: Dataset, sop_name: str | None, modality: str | None) -> None:
+    sop_uid = _sop_class_uid(ds)
+    keyword = pydicom.uid.UID(str(sop_uid)).keyword if sop_uid else ""
+    for pattern, why in _NON_SCAN_SOP_PATTERNS:
+        if pattern.search(keyword):
+            mod = f" (Modality {modality})" if modality else ""
+            raise RejectedInput(f"policy: {sop_name}{mod} is {why}")
+    if modality and modality.upper() in _NON_SCAN_MODALITIES:
+        what = sop_name or "object"
+        raise RejectedInput(f"policy: Modality {modality} {what} is {_NON_SCAN_MODALITIES[modality.upper()]}")
+
+
+def _decode_frames(
+    ds: Dataset, ts: pydicom.uid.UID, frames: Sequence[int], n_frames: int
+) -> list[np.ndarray]:
+    """Decode the selected frames; any decoder failure becomes a rejection naming the codec."""
+    try:
+        if len(frames) == 1 and n_frames > 1:
+            # Only the one frame is decoded (native data is still length-checked as a whole).
+            return [pixel_array(ds, index=frames[0])]
+        arr = ds.pixel_array
+        if n_frames == 1:
+            return [arr]
+        if arr.ndim < 3 or arr.shape[0] != n_frames:
+            raise ValueError(f"expected {n_frames} frames, decoder returned shape {arr.shape}")
+        return [arr[i] for i in frames]
+    except MemoryError:
+        raise
+    except Exception as exc:
+        raise RejectedInput(f"cannot decode {ts.name} pixel data: {_one_line(exc)}") from exc
+
+
+def _j2k_signed_despite_header(ds: Dataset, ts: pydicom.uid.UID, n_frames: int, photometric: str) -> bool:
+    """Whether a JPEG 2000 codestream stores signed samples at full precision under PixelRepresentation 0.
+
+    pydicom trusts PixelRepresentation and can only repair a signedness mismatch when the codestream
+    precision is below the allocated bits. At full precision the decoded bits are two's complement
+    read as unsigned, so CT padding of -2048 arrives as 63488 and air as ~64500, which every window
+    then paints white. The codestream's SIZ marker is written by the encoder that saw the values and
+    is the better witness, so such frames are reinterpreted as signed.
+    """
+    if ts not in pydicom.uid.JPEG2000TransferSyntaxes or photometric not in _MONOCHROME:
+        return False
+    if _positive_int(ds.get("PixelRepresentation")) is not None:  # 1 = already signed
+        return False
+    try:
+        from pydicom.encaps import get_frame
+        from pydicom.pixels.utils import get_j2k_parameters
+
+        params = get_j2k_parameters(get_frame(ds.PixelData, 0, number_of_frames=n_frames))
+    except Exception:
+        # The codestream was decodable a moment ago; failing to parse its header only means no override.
+        return False
+    return bool(params.get("is_signed")) and params.get("precision") == _positive_int(ds.get("BitsAllocated"))
+
+
+def _dicom_frame_to_grey(
+    raw: np.ndarray, ds: Dataset, frame: int, photometric: str, cfg: IngestConfig
+) -> tuple[np.ndarray, Literal["voi", "voi_lut", "percentile", "dtype"]]:
+    """One decoded frame → float32 ``[0, 1]`` greyscale, bright = dense."""
+    if photometric == "PALETTE COLOR":
+        rgb = apply_color_lut(raw, ds)
+        return _rgb_to_grey(rgb, float(np.iinfo(rgb.dtype).max)), "dtype"
+    if raw.ndim == 3:
+        # pydicom has already converted YBR to RGB; scale by the stored range before reducing.
+        return _rgb_to_grey(raw, _stored_max(ds, raw.dtype)), "dtype"
+
+    values = _apply_modality(raw, ds, frame)
+    grey, kind = _apply_voi(values, ds, frame, cfg)
+    if photometric == "MONOCHROME1":
+        # MONOCHROME1 displays its minimum as white; invert after the VOI, as the display pipeline does.
+        grey = 1.0 - grey
+    return grey, kind
+
+
+def _stored_max(ds: Dataset, dtype: np.dtype[Any]) -> float:
+    if not np.issubdtype(dtype, np.integer):
+        return 1.0
+    dtype_bits = np.iinfo(dtype).bits
+    bits = _positive_int(ds.get("BitsStored"))
+    return float(2**bits - 1) if bits is not None and bits <= dtype_bits else float(np.iinfo(dtype).max)
+
+
+def _functional_group_value(ds: Dataset, frame: int, sequence: str, attribute: str) -> Any:
+    """An attribute from the per-frame, then shared functional groups (enhanced MF), else top level."""
+    for groups_kw, index in (
+        ("PerFrameFunctionalGroupsSequence", frame),
+        ("SharedFunctionalGroupsSequence", 0),
+    ):
+        groups = ds.get(groups_kw)
+        if groups and index < len(groups):
+            items = groups[index].get(sequence)
+            if items and attribute in items[0]:
+                return items[0].get(attribute)
+    return ds.get(attribute)
+
+
+def _apply_modality(raw: np.ndarray, ds: Dataset, frame: int) -> np.ndarray:
+    """Stored values → modality values (e.g. Hounsfield units)."""
+    if ds.get("ModalityLUTSequence") or ("RescaleSlope" in ds and "RescaleIntercept" in ds):
+        return np.asarray(apply_modality_lut(raw, ds))
+    slope = _float(_functional_group_value(ds, frame, "PixelValueTransformationSequence", "RescaleSlope"))
+    intercept = _float(
+        _functional_group_value(ds, frame, "PixelValueTransformationSequence", "RescaleIntercept")
+    )
+    if slope is None and intercept is None:
+        return raw
+    return raw.astype(np.float64) * (1.0 if slope is None else slope) + (intercept or 0.0)
+
+
+def _apply_voi(
+    values: np.ndarray, ds: Dataset, frame: int, cfg: IngestConfig
+) -> tuple[np.ndarray, Literal["voi", "voi_lut", "percentile"]]:
+    """Modality values → ``[0, 1]`` with the file's first VOI LUT, else its first window, else percentiles."""
+    lut = ds.get("VOILUTSequence")
+    if lut and "LUTDescriptor" in lut[0] and "LUTData" in lut[0]:
+        # VOI LUTs index integers; modality values from a rescale are floats on an integer grid.
+        ints = np.rint(values).astype(np.int64) if not np.issubdtype(values.dtype, np.integer) else values
+        descriptor = [int(v) for v in lut[0].LUTDescriptor]
+        entries = descriptor[0] or 2**16
+        first = descriptor[1]
+        out = apply_voi(ints, ds, 0)
+        # Normalise by the range the LUT actually spans: many 16-bit LUTs hold 12-bit values, and the
+        # nominal 2**bits range would render them nearly black.
+        table = apply_voi(np.arange(first, first + entries, dtype=np.int64), ds, 0)
+        lo, hi = float(table.min()), float(table.max())
+        if hi > lo:
+            return window(out, lo, hi), "voi_lut"
+
+    center = _first_float(_functional_group_value(ds, frame, "FrameVOILUTSequence", "WindowCenter"))
+    width = _first_float(_functional_group_value(ds, frame, "FrameVOILUTSequence", "WindowWidth"))
+    function = (
+        _text(_functional_group_value(ds, frame, "FrameVOILUTSequence", "VOILUTFunction")) or "LINEAR"
+    ).upper()
+    if center is not None and width is not None:
+        windowed = _window_center_width(values, center, width, function)
+        if windowed is not None:
+            return windowed, "voi"
+    return percentile_window(values, cfg.percentile_window), "percentile"
+
+
+def _window_center_width(values: np.ndarray, center: float, width: float, function: str) -> np.ndarray | None:
+    """The DICOM VOI functions (PS3.3 C.11.2.1.2) mapped to ``[0, 1]``; None when the window is unusable."""
+    if function == "LINEAR":
+        if width < 1:
+            return None
+        if width == 1:
+            # Degenerate linear window: a threshold at center - 0.5.
+            return (values > center - 0.5).astype(np.float32)
+        # y = ((x - (c - 0.5)) / (w - 1) + 0.5), clipped: the standard's half-pixel offset form.
+        low = center - 0.5 - (width - 1) / 2
+        return window(values, low, low + (width - 1))
+    if function == "LINEAR_EXACT":
+        return window(values, center - width / 2, center + width / 2) if width > 0 else None
+    if function == "SIGMOID":
+        if width <= 0:
+            return None
+        z = np.clip(-4.0 * (values.astype(np.float64) - center) / width, -80.0, 80.0)
+        return (1.0 / (1.0 + np.exp(z))).astype(np.float32)
+    return None
+
+
+def _dicom_meta(
+    ds: Dataset,
+    ts: pydicom.uid.UID,
+    sop_name: str | None,
+    modality: str | None,
+    photometric: str,
+    rows: int,
+    cols: int,
+) -> dict[str, Any]:
+    meta = _empty_meta("dicom")
+    meta.update(
+        modality=modality,
+        photometric=photometric,
+        orig_rows=rows,
+        orig_cols=cols,
+        pixel_spacing=_pixel_spacing(ds),
+        bits_stored=_positive_int(ds.get("BitsStored")),
+        # Transfer syntax and SOP class UIDs are standard constants naming an encoding and an object
+        # type, not instance identifiers; their names are kept for provenance.
+        transfer_syntax=ts.name,
+        sop_class=sop_name,
+        body_part=_text(ds.get("BodyPartExamined")),
+        view_position=_text(ds.get("ViewPosition")),
+    )
+    return meta
+
+
+def _pixel_spacing(ds: Dataset) -> list[float] | None:
+    candidates = [ds.get("PixelSpacing"), ds.get("ImagerPixelSpacing")]
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    if shared:
+        measures = shared[0].get("PixelMeasuresSequence")
+        if measures:
+            candidates.insert(0, measures[0].get("PixelSpacing"))
+    for value in candidates:
+        try:
+            spacing = [float(v) for v in value] if value is not None else []
+        except (TypeError, ValueError):
+            continue
+        if len(spacing) == 2 and all(np.isfinite(s) and s > 0 for s in spacing):
+            return spacing
+    return None
+
+
+def _sop_class_uid(ds: Dataset) -> Any:
+    """SOP Class UID from the data set, else from the File Meta (Media Storage SOP Class UID)."""
+    file_meta = getattr(ds, "file_meta", None)
+    return ds.get("SOPClassUID") or (
+        file_meta.get("MediaStorageSOPClassUID") if file_meta is not None else None
+    )
+
+
+def _uid_name(value: Any) -> str | None:
+    if not value:
+        return None
+    return str(pydicom.uid.UID(str(value)).name)
+
+
+def _text(value: Any) -> str | None:
+    """A short single-valued string attribute as plain ``str`` (JSON-safe), or None when empty."""
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple, MultiValue)):
+        if not value:
+            return None
+        value = value[0]
+    text = str(value).strip().strip("\x00").strip()
+    return text[:64] or None
+
+
+def _positive_int(value: Any) -> int | None:
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        return None
+    return number if number > 0 else None
+
+
+def _float(value: Any) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if np.isfinite(number) else None
+
+
+def _first_float(value: Any) -> float | None:
+    """The first of a possibly multi-valued DS (WindowCenter/Width may list several windows)."""
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple, MultiValue)):
+        return _float(value[0]) if value else None
+    return _float(value)

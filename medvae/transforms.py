@@ -1,0 +1,211 @@
+"""Intensity windowing and geometric normalisation of decoded scans to a fixed square size."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+from skimage.transform import resize_local_mean
+
+# ITU-R BT.601 luma weights. They are also what a JPEG decoder uses for its Y channel, so an RGB
+# JPEG decoded straight to greyscale (``Image.draft("L")``) and an RGB image reduced here agree.
+BT601_WEIGHTS: tuple[float, float, float] = (0.299, 0.587, 0.114)
+
+
+def window(img: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Map ``[low, high]`` linearly onto ``[0, 1]`` and clip everything outside.
+
+    Args:
+        img: an array of any real dtype.
+        low: the value that maps to 0 (black).
+        high: the value that maps to 1 (white); must be greater than ``low``.
+
+    Returns:
+        A float32 array of the same shape with values in ``[0, 1]``.
+
+    Raises:
+        ValueError: when ``high <= low`` or either bound is not finite, because the mapping would
+            divide by zero or silently produce NaN.
+    """
+    low, high = float(low), float(high)
+    if not (np.isfinite(low) and np.isfinite(high)) or high <= low:
+        raise ValueError(f"window needs finite bounds with high > low, got low={low}, high={high}")
+    # float32 is plenty for a display window and halves the memory of large frames versus float64.
+    out = np.asarray(img, dtype=np.float32) - np.float32(low)
+    out *= np.float32(1.0 / (high - low))
+    return np.clip(out, 0.0, 1.0, out=out)
+
+
+def percentile_window(img: np.ndarray, pct: tuple[float, float] = (0.5, 99.5)) -> np.ndarray:
+    """Robust window between two percentiles of the image's own values.
+
+    Used when nothing in the file says how to display it (a DICOM without VOI, a 16-bit PNG):
+    percentiles instead of min/max keep a few hot pixels or burned-in markers from squashing
+    the anatomy into a narrow grey band.
+
+    When the two percentiles coincide (e.g. an image that is 99.5 % background) the window falls
+    back to the full min..max range so a small object is not erased; a constant image has no
+    contrast at all and becomes zeros. Non-finite values (NaN, ±inf in float data) are ignored
+    when choosing the window and come out as 0.
+
+    Args:
+        img: an array of any real dtype.
+        pct: low and high percentiles in ``[0, 100]``.
+
+    Returns:
+        A float32 array of the same shape with values in ``[0, 1]``; never NaN.
+
+    Raises:
+        ValueError: when the percentiles are not ordered within ``[0, 100]``.
+    """
+    lo_pct, hi_pct = pct
+    if not 0.0 <= lo_pct < hi_pct <= 100.0:
+        raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100, got {pct}")
+    arr = np.asarray(img)
+    finite: np.ndarray | None = None
+    values = arr
+    if np.issubdtype(arr.dtype, np.floating):
+        finite = np.isfinite(arr)
+        if finite.all():
+            finite = None
+        else:
+            values = arr[finite]
+    if values.size == 0:
+        return np.zeros(arr.shape, dtype=np.float32)
+    low, high = (float(v) for v in np.percentile(values, [lo_pct, hi_pct]))
+    if high <= low:
+        low, high = float(values.min()), float(values.max())
+        if high <= low:
+            return np.zeros(arr.shape, dtype=np.float32)
+    out = window(arr, low, high)
+    if finite is not None:
+        out[~finite] = 0.0
+    return out
+
+
+def to_square(img: np.ndarray, policy: Literal["pad", "crop"]) -> np.ndarray:
+    """Make the first two axes equal by padding the short side or centre-cropping the long side.
+
+    ``pad`` keeps the whole field of view (nothing anatomical is lost; the padding is 0, i.e. black
+    after windowing, and split evenly with the odd pixel at the bottom/right). ``crop`` keeps the
+    centre square, losing the edges of the long side but none of the resolution.
+
+    Args:
+        img: an array of shape ``(rows, cols, ...)``.
+        policy: ``"pad"`` or ``"crop"``.
+
+    Returns:
+        An array of shape ``(n, n, ...)`` where ``n`` is ``max(rows, cols)`` for pad and
+        ``min(rows, cols)`` for crop; the input itself when it is already square.
+
+    Raises:
+        ValueError: for an unknown policy or an array with fewer than two axes.
+    """
+    if img.ndim < 2:
+        raise ValueError(f"to_square needs at least 2 axes, got shape {img.shape}")
+    rows, cols = img.shape[:2]
+    if rows == cols:
+        return img
+    if policy == "pad":
+        side = max(rows, cols)
+        top, left = (side - rows) // 2, (side - cols) // 2
+        out = np.zeros((side, side, *img.shape[2:]), dtype=img.dtype)
+        out[top : top + rows, left : left + cols] = img
+        return out
+    if policy == "crop":
+        side = min(rows, cols)
+        top, left = (rows - side) // 2, (cols - side) // 2
+        return img[top : top + side, left : left + side]
+    raise ValueError(f"unknown aspect policy {policy!r}; expected 'pad' or 'crop'")
+
+
+def resize_area(img: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """Resize a 2-D image by area averaging with scikit-image's ``resize_local_mean``.
+
+    Each output pixel is the exact mean of the input area it covers (pixel mixing, OpenCV's
+    ``INTER_AREA``), so downsampling by any factor, integer or not, is anti-aliased (no moiré from the
+    fine periodic structure of detector grids) and the image mean is preserved. Upsampling (a 3×3 image
+    to 64×64) degrades gracefully into blocks with fractional blending at their edges.
+
+    scikit-image computes this as two small matrix products. Under multi-threaded BLAS on an
+    oversubscribed machine those were measured 10–50× slower than single-threaded, which is why ingest
+    workers pin BLAS to one thread (see ``medvae.ingest``).
+
+    Args:
+        img: a 2-D array of any real dtype.
+        size: the output side length, or ``(rows, cols)``.
+
+    Returns:
+        A float32 array of shape ``(size, size)`` (or ``size`` when a tuple) in the input's value units.
+
+    Raises:
+        ValueError: when the input is not 2-D or empty, or the size is not positive.
+    """
+    shape = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    if min(shape) < 1:
+        raise ValueError(f"output size must be positive, got {size}")
+    if img.ndim != 2 or img.size == 0:
+        raise ValueError(f"resize_area expects a non-empty 2-D image, got shape {img.shape}")
+    if img.shape == shape:
+        return np.array(img, dtype=np.float32)  # a copy: callers may write into the result
+    # preserve_range: the input is already in the units we want; without it scikit-image would rescale
+    # integer input by its dtype maximum.
+    out = resize_local_mean(np.asarray(img, dtype=np.float32), shape, grid_mode=True, preserve_range=True)
+    return np.asarray(out, dtype=np.float32)
+
+
+def quantize(img01: np.ndarray) -> np.ndarray:
+    """Round a ``[0, 1]`` float image to uint8 (0..255).
+
+    uint8 is lossless enough for this pipeline: the image has already been windowed to its useful
+    contrast range and area-downsampled to 64×64, so one step of 1/255 (0.4 % of the window) is below
+    both the quantisation noise of the windowed source and what the VAE's reconstruction resolves,
+    while a 64×64 image costs 4 KiB instead of 16 KiB as float32. Rounding (not flooring) keeps the
+    error symmetric, at most half a step, and maps 1.0 to 255.
+
+    Args:
+        img01: a float array; values outside ``[0, 1]`` are clipped and NaN becomes 0.
+
+    Returns:
+        A uint8 array of the same shape.
+    """
+    arr = np.nan_to_num(np.asarray(img01, dtype=np.float32), nan=0.0, posinf=1.0, neginf=0.0)
+    return np.rint(np.clip(arr, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def normalise(img01: np.ndarray, size: int = 64, policy: Literal["pad", "crop"] = "pad") -> np.ndarray:
+    """Square, area-resize and quantise a windowed ``[0, 1]`` image: the stored form of a scan.
+
+    Args:
+        img01: a 2-D float image in ``[0, 1]`` (bright = dense).
+        size: the output side length.
+        policy: how a non-square image is made square, see :func:`to_square`.
+
+    Returns:
+        A uint8 array of shape ``(size, size)``.
+    """
+    return quantize(resize_area(to_square(img01, policy), size))
+
+
+def luminance(rgb: np.ndarray) -> np.ndarray:
+    """Reduce colour to grey with the ITU-R BT.601 luma weights (0.299, 0.587, 0.114).
+
+    Args:
+        rgb: a float (or integer) array whose last axis holds R, G, B and optionally alpha, which is
+            ignored. Values are used as they are, so scale them first (e.g. to ``[0, 1]``).
+
+    Returns:
+        A float32 array without the last axis.
+
+    Raises:
+        ValueError: when the last axis does not have 3 or 4 channels.
+    """
+    arr = np.asarray(rgb)
+    if arr.ndim < 1 or arr.shape[-1] not in (3, 4):
+        raise ValueError(f"luminance expects a last axis of 3 (RGB) or 4 (RGBA) channels, got {arr.shape}")
+    # Channel by channel rather than a dot product: same result, no float64 temporaries for big images.
+    r, g, b = (arr[..., i].astype(np.float32, copy=False) for i in range(3))
+    out = r * np.float32(BT601_WEIGHTS[0])
+    out += g * np.float32(BT601_WEIGHTS[1])
+    out += b * np.float32(BT601_WEIGHTS[2])
+    return out
