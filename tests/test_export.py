@@ -64,6 +64,7 @@ def test_dataset_reads_any_version(tmp_path: Path) -> None:
     ds1 = StoreDataset(str(tmp_path / "store"))
     assert len(ds0) == 4 and len(ds1) == 5 and ds1.version == 1
     x, y = ds1[0]
+    assert y in (-1, 0, 1)
     assert tuple(x.shape) == (1, 64, 64) and 0.0 <= float(x.min()) <= float(x.max()) <= 1.0
     syn = StoreDataset(str(tmp_path / "store"), where={"origin": "synthetic"})
     assert len(syn) == 1 and syn.label_names == ["normal"] and syn[0][1] == 0
