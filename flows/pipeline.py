@@ -58,12 +58,14 @@ def pipeline_flow(config: dict[str, Any] | None = None) -> dict[str, Any]:
         cfg.store, str(cfg.model_dir), to_jsonable(cfg.train), None, cfg.train_where or None, resume=False
     )
     print(
-        f"train: model {trained['model_hash'][:12]} on {trained['device']}, best epoch {trained['best_epoch']}"
+        f"train: model {trained['model_hash'][:12]} on {trained['device']}, "
+        f"best epoch {trained['best_epoch']}"
     )
     staging = str(cfg.model_dir.parent / "staging" / trained["model_hash"][:16])
     syn = synthesise_task(trained["model_dir"], cfg.store, to_jsonable(cfg.augment), staging)
     print(
-        f"augment: kept {syn['kept']} of {syn['requested']} (privacy rejection rate {syn['rejection_rate']:.1%})"
+        f"augment: kept {syn['kept']} of {syn['requested']} "
+        f"(privacy rejection rate {syn['rejection_rate']:.1%})"
     )
     scored = score_task(trained["model_dir"], cfg.store, trained["dataset_version"], staging)
     print(f"screen: scored {scored['scored']} real scans, flagged {scored['flagged']}")

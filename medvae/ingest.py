@@ -12,11 +12,13 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from medvae.config import IngestConfig, to_jsonable
 from medvae.deid import allowed_meta, keyed_hash, patient_from_name, split_for
-from medvae.store import Store, StoreError, empty_rows, lineage, to_arrow
+
+if TYPE_CHECKING:  # the store pulls in deltalake and pyarrow, which spawned decoder workers never need
+    from medvae.store import Store
 
 INGESTED, REJECTED, SKIPPED = "ingested", "rejected", "skipped"
 
@@ -228,6 +230,8 @@ def ingest(
     Raises:
         StoreError: when the store itself cannot be read or written.
     """
+    from medvae.store import StoreError, empty_rows, lineage, to_arrow
+
     csv_labels = read_labels_csv(cfg.labels_csv) if cfg.labels_csv else None
     walked = list(iter_files(sources))
     results: list[FileResult | None] = [None] * len(walked)
@@ -288,7 +292,7 @@ def ingest(
 
 
 def _run_jobs(
-    jobs: list[tuple[str, str | None]], cfg: IngestConfig, init_args: tuple[Any, ...]
+    jobs: list[tuple[str, str | None]], cfg: IngestConfig, init_args: tuple[bytes, frozenset[str], str]
 ) -> Iterable[FileResult]:
     workers = cfg.workers or os.cpu_count() or 1
     if workers == 1 or len(jobs) < 32:

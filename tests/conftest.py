@@ -32,3 +32,15 @@ def prefect_harness() -> Iterator[None]:
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """Run torch on one thread: the test models are tiny, so one thread is faster, and immune to
+    OpenMP stalls on a busy shared machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -1,0 +1,262 @@
+"""Training: overfitting, determinism, early stopping, atomic checkpoints, exact resume, CVAE, devices."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from medvae.config import LossConfig, ModelConfig, TrainConfig
+from medvae.training import (
+    CHECKPOINT_NAME,
+    build_training,
+    load_checkpoint,
+    run_epoch,
+    select_device,
+    train_vae,
+)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _patterns(n: int, size: int = 32) -> np.ndarray:
+    """Bright squares at distinct positions on black: simple and exactly representable."""
+    imgs = np.zeros((n, size, size), np.uint8)
+    side = size // 4
+    for i in range(n):
+        r, c = (i * 5) % (size - side), (i * 3) % (size - side)
+        imgs[i, r : r + side, c : c + side] = 255
+    return imgs
+
+
+def _noise(n: int, size: int = 16, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size), dtype=np.uint8)
+
+
+def _cfg(**kw: object) -> TrainConfig:
+    base: dict[str, object] = {
+        "model": ModelConfig(image_size=16, channels=(8, 16), latent_dim=4),
+        "loss": LossConfig(kl_warmup_epochs=2),
+        "epochs": 4,
+        "batch_size": 8,
+        "device": "cpu",
+        "seed": 3,
+    }
+    base.update(kw)
+    return TrainConfig.model_validate(base)
+
+
+def _states_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_overfits_a_tiny_batch() -> None:
+    x = _patterns(16)
+    cfg = _cfg(
+        model=ModelConfig(image_size=32, channels=(8, 16), latent_dim=8),
+        loss=LossConfig(kl_warmup_epochs=0, beta=0.1),
+        epochs=120,
+        batch_size=16,
+        lr=1e-2,
+        patience=200,
+    )
+    res = train_vae(x, None, cfg, val_images=x, progress=False)
+    first, last = res.history[0]["loss"], res.history[-1]["loss"]
+    assert last < 0.5 * first
+    assert not res.model.training
+    with torch.no_grad():
+        xt = torch.as_tensor(x).unsqueeze(1).float() / 255
+        mse = torch.mean((res.model(xt).recon - xt) ** 2).item()
+    assert mse < 0.02
+    h = res.history[0]
+    assert set(h) == {
+        "epoch",
+        "loss",
+        "recon",
+        "kl",
+        "kl_weight",
+        "val_loss",
+        "val_recon",
+        "val_kl",
+        "seconds",
+        "img_per_s",
+    }
+    assert [r["epoch"] for r in res.history] == list(range(120))
+
+
+def test_same_seed_same_weights() -> None:
+    x = _noise(40)
+    a = train_vae(x, None, _cfg(epochs=2), progress=False)
+    b = train_vae(x, None, _cfg(epochs=2), progress=False)
+    _states_equal(a.model.state_dict(), b.model.state_dict())
+    assert [h["loss"] for h in a.history] == [h["loss"] for h in b.history]
+    c = train_vae(x, None, _cfg(epochs=2, seed=4), progress=False)
+    assert not torch.equal(a.model.fc_mu.weight, c.model.fc_mu.weight)
+
+
+def test_history_and_kl_warmup() -> None:
+    res = train_vae(
+        _noise(40), None, _cfg(epochs=3, loss=LossConfig(kl_warmup_epochs=2, beta=0.5)), progress=False
+    )
+    assert [h["kl_weight"] for h in res.history] == [0.0, 0.25, 0.5]
+    for h in res.history:
+        # Validation always uses beta, whatever the warm-up weight of the epoch.
+        assert h["val_loss"] == pytest.approx(h["val_recon"] + 0.5 * h["val_kl"], rel=1e-5)
+        assert h["loss"] == pytest.approx(h["recon"] + h["kl_weight"] * h["kl"], rel=1e-4)
+
+
+def test_early_stopping_restores_best() -> None:
+    # Train on noise, validate on a fixed all-white image set: with a large lr validation cannot keep
+    # improving, and patience 1 stops at the first epoch that fails to beat the best.
+    x = _noise(32)
+    val = np.full((8, 16, 16), 255, np.uint8)
+    res = train_vae(x, None, _cfg(epochs=30, patience=1, lr=5e-2), val_images=val, progress=False)
+    assert res.stopped_early
+    n = len(res.history)
+    assert n < 30
+    vals = [h["val_loss"] for h in res.history]
+    assert res.best_epoch == int(np.argmin(vals))
+    assert res.best_epoch == n - 2  # the last epoch was the one (and only) epoch without improvement
+    assert vals[-1] >= vals[-2]
+    # The returned weights are the best epoch's, not the last epoch's.
+    ck = train_vae(
+        x, None, _cfg(epochs=res.best_epoch + 1, patience=1, lr=5e-2), val_images=val, progress=False
+    )
+    _states_equal(ck.model.state_dict(), res.model.state_dict())
+
+
+def test_drops_only_a_last_batch_of_one() -> None:
+    cfg = _cfg()
+    torch.manual_seed(0)
+    setup = build_training(cfg, torch.device("cpu"))
+    imgs = torch.as_tensor(_noise(17)).unsqueeze(1)
+    g = torch.Generator().manual_seed(0)
+    assert run_epoch(setup, imgs, None, batch_size=8, kl_w=0.0, generator=g).images == 16
+    imgs = torch.as_tensor(_noise(19)).unsqueeze(1)
+    assert run_epoch(setup, imgs, None, batch_size=8, kl_w=0.0, generator=g).images == 19
+
+
+def test_checkpoint_atomic_and_weights_only(tmp_path: Path) -> None:
+    res = train_vae(_noise(40), None, _cfg(epochs=2), checkpoint_dir=tmp_path / "ck", progress=False)
+    files = sorted(p.name for p in (tmp_path / "ck").iterdir())
+    assert files == [CHECKPOINT_NAME]  # no temporary file left behind
+    raw = torch.load(tmp_path / "ck" / CHECKPOINT_NAME, weights_only=True)  # no pickled classes
+    assert raw["epoch"] == 1
+    assert raw["history"] == res.history
+    assert isinstance(raw["rng_cpu"], torch.Tensor)
+    ckpt = load_checkpoint(tmp_path / "ck" / CHECKPOINT_NAME)
+    assert set(ckpt["model"]) == set(res.model.state_dict())
+    _states_equal(ckpt["best_state"], res.model.state_dict())
+
+
+def test_checkpoint_write_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ck = tmp_path / "ck"
+    train_vae(_noise(40), None, _cfg(epochs=1), checkpoint_dir=ck, progress=False)
+    before = (ck / CHECKPOINT_NAME).read_bytes()
+
+    def boom(src: object, dst: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(OSError, match="disk full"):
+        train_vae(_noise(40), None, _cfg(epochs=1, seed=9), checkpoint_dir=ck, progress=False)
+    # The old checkpoint is intact and the temporary file is gone.
+    assert (ck / CHECKPOINT_NAME).read_bytes() == before
+    assert sorted(p.name for p in ck.iterdir()) == [CHECKPOINT_NAME]
+
+
+def test_resume_equals_uninterrupted(tmp_path: Path) -> None:
+    x = _noise(40)
+    straight = train_vae(x, None, _cfg(epochs=4), checkpoint_dir=tmp_path / "a", progress=False)
+    train_vae(x, None, _cfg(epochs=2), checkpoint_dir=tmp_path / "b", progress=False)
+    resumed = train_vae(x, None, _cfg(epochs=4), checkpoint_dir=tmp_path / "b", resume=True, progress=False)
+    _states_equal(straight.model.state_dict(), resumed.model.state_dict())
+    assert straight.best_epoch == resumed.best_epoch
+    strip = [{k: v for k, v in h.items() if k not in ("seconds", "img_per_s")} for h in straight.history]
+    assert strip == [
+        {k: v for k, v in h.items() if k not in ("seconds", "img_per_s")} for h in resumed.history
+    ]
+    a = load_checkpoint(tmp_path / "a" / CHECKPOINT_NAME)
+    b = load_checkpoint(tmp_path / "b" / CHECKPOINT_NAME)
+    _states_equal(a["model"], b["model"])  # the last epoch's weights too, not just the best
+    _states_equal(a["optimizer"]["state"][0], b["optimizer"]["state"][0])
+
+
+def test_resume_refuses_another_config(tmp_path: Path) -> None:
+    x = _noise(40)
+    train_vae(x, None, _cfg(epochs=1), checkpoint_dir=tmp_path, progress=False)
+    with pytest.raises(ValueError, match="different configuration"):
+        train_vae(x, None, _cfg(epochs=2, lr=0.5), checkpoint_dir=tmp_path, resume=True, progress=False)
+    with pytest.raises(ValueError, match="train / "):
+        train_vae(_noise(60), None, _cfg(epochs=2), checkpoint_dir=tmp_path, resume=True, progress=False)
+    with pytest.raises(ValueError, match="checkpoint_dir"):
+        train_vae(x, None, _cfg(), resume=True, progress=False)
+
+
+def test_cvae_needs_labels() -> None:
+    cfg = _cfg(
+        epochs=1,
+        model=ModelConfig(image_size=16, channels=(8, 16), latent_dim=4, conditional=True, num_classes=3),
+    )
+    x = _noise(30)
+    y = np.arange(30) % 3
+    res = train_vae(x, y, cfg, progress=False)
+    assert res.model.n_cond == 3 and np.isfinite(res.history[0]["val_loss"])
+    with pytest.raises(ValueError, match="needs labels"):
+        train_vae(x, None, cfg, progress=False)
+    with pytest.raises(ValueError, match="num_classes"):
+        train_vae(x, np.arange(30) % 4, cfg, progress=False)
+    with pytest.raises(ValueError, match="val_labels"):
+        train_vae(x, y, cfg, val_images=x[:4], progress=False)
+
+
+def test_rejects_bad_images() -> None:
+    with pytest.raises(TypeError, match="uint8"):
+        train_vae(_noise(10).astype(np.float32), None, _cfg(), progress=False)
+    with pytest.raises(ValueError, match="shaped"):
+        train_vae(_noise(10, size=32), None, _cfg(), progress=False)
+
+
+def test_compile_failure_falls_back_to_eager(monkeypatch: pytest.MonkeyPatch) -> None:
+    class Broken(torch.nn.Module):
+        """Stands in for a compiled model whose compilation fails at the first call, as inductor does."""
+
+        def forward(self, *args: object) -> None:
+            raise RuntimeError("no C compiler")
+
+    monkeypatch.setattr(torch, "compile", lambda model: Broken())
+    x = _noise(40)
+    with pytest.warns(UserWarning, match="torch.compile failed"):
+        res = train_vae(x, None, _cfg(epochs=2, compile=True), progress=False)
+    eager = train_vae(x, None, _cfg(epochs=2), progress=False)
+    _states_equal(res.model.state_dict(), eager.model.state_dict())
+
+
+def test_select_device() -> None:
+    assert select_device("cpu") == torch.device("cpu")
+    assert select_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA was requested but no GPU is visible"):
+            select_device("cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_trains_on_cuda(tmp_path: Path) -> None:
+    x = _patterns(64)
+    cfg = _cfg(model=ModelConfig(image_size=32, channels=(8, 16), latent_dim=8), epochs=3, device="cuda")
+    res = train_vae(x, None, cfg, checkpoint_dir=tmp_path, progress=False)
+    assert res.device == "cuda"
+    assert next(res.model.parameters()).is_cuda
+    assert all(np.isfinite(h["loss"]) for h in res.history)
+    ckpt = load_checkpoint(tmp_path / CHECKPOINT_NAME)
+    assert "rng_cuda" in ckpt
+    resumed = train_vae(
+        x, None, cfg.model_copy(update={"epochs": 4}), checkpoint_dir=tmp_path, resume=True, progress=False
+    )
+    assert len(resumed.history) == 4
