@@ -342,10 +342,12 @@ def _decode_raster(data: bytes, fmt: Literal["png", "jpeg"], cfg: IngestConfig) 
         )
     source_mode = img.mode
     if fmt == "jpeg" and img.mode in ("L", "RGB", "YCbCr"):
-        # Decode in the DCT domain at 1/2, 1/4 or 1/8 scale, never below twice the output side, so
-        # the later area downsample still has enough pixels to be anti-aliased. Asking for "L" makes
-        # libjpeg emit the Y channel, which is BT.601 luma: the same weights luminance() uses.
-        target = 2 * cfg.size
+        # Decode in the DCT domain at 1/2, 1/4 or 1/8 scale, never below the output side. libjpeg's
+        # scaled IDCT keeps only the low-frequency coefficients, so it is itself a proper low-pass,
+        # and the area downsample that follows (by a factor below 2) stays anti-aliased. It halves
+        # decode time for the 224 px Kermany JPEGs. Asking for "L" makes libjpeg emit the Y channel,
+        # which is BT.601 luma: the same weights luminance() uses.
+        target = cfg.size
         img.draft("L", (target, target))
     try:
         img.load()
