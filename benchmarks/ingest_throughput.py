@@ -19,8 +19,8 @@ import warnings
 from pathlib import Path
 
 from medvae.config import IngestConfig
-from medvae.ingest import iter_files
 from medvae.ingest import ingest as medvae_ingest
+from medvae.ingest import iter_files
 from medvae.store import Store
 
 REPO = Path(__file__).resolve().parents[1]
