@@ -10,6 +10,7 @@ from typing import Any
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+import flows  # noqa: F401  (medvae's Prefect defaults, also when this file runs as a script)
 from flows.ingest import ingest_task
 from flows.train import train_task
 from medvae.config import AugmentConfig, PipelineConfig, load_config, to_jsonable

@@ -10,6 +10,7 @@ from typing import Any
 from prefect import flow, task
 from prefect.artifacts import create_table_artifact
 
+import flows  # noqa: F401  (medvae's Prefect defaults, also when this file runs as a script)
 from medvae.jobs import screen_job
 
 

@@ -30,6 +30,8 @@ def prefect_harness() -> Iterator[None]:
     """One temporary Prefect server for the whole session: it takes ~10 s to start."""
     from prefect.testing.utilities import prefect_test_harness
 
+    import flows  # noqa: F401  (no telemetry heartbeat from the test server either)
+
     with prefect_test_harness(server_startup_timeout=120):
         yield
 
