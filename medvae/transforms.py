@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Literal
 
 import numpy as np
-from skimage.transform import resize_local_mean
 
 # ITU-R BT.601 luma weights. They are also what a JPEG decoder uses for its Y channel, so an RGB
 # JPEG decoded straight to greyscale (``Image.draft("L")``) and an RGB image reduced here agree.
@@ -119,17 +119,47 @@ def to_square(img: np.ndarray, policy: Literal["pad", "crop"]) -> np.ndarray:
     raise ValueError(f"unknown aspect policy {policy!r}; expected 'pad' or 'crop'")
 
 
+@lru_cache(maxsize=256)
+def area_weights(n_in: int, n_out: int) -> np.ndarray:
+    """The ``(n_out, n_in)`` matrix of exact area (pixel-mixing) weights along one axis.
+
+    Output pixel ``i`` covers the input interval ``[i·n_in/n_out, (i+1)·n_in/n_out)``; its weight on
+    input pixel ``j`` is the length of the overlap of that interval with ``[j, j+1)``, divided by the
+    interval's length, so every row sums to 1. This is scikit-image's ``resize_local_mean`` with
+    ``grid_mode=True`` (and OpenCV's ``INTER_AREA``), written out so the matrices can be cached per
+    shape: a whole archive at one resolution reuses one pair.
+
+    Args:
+        n_in: the input length along the axis.
+        n_out: the output length along the axis.
+
+    Returns:
+        A read-only float32 array of shape ``(n_out, n_in)``.
+    """
+    scale = n_in / n_out
+    lo = np.arange(n_out, dtype=np.float64)[:, None] * scale
+    hi = lo + scale
+    j = np.arange(n_in, dtype=np.float64)[None, :]
+    overlap = np.clip(np.minimum(hi, j + 1) - np.maximum(lo, j), 0.0, None)
+    w = (overlap / scale).astype(np.float32)
+    w.flags.writeable = False
+    return w
+
+
 def resize_area(img: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
-    """Resize a 2-D image by area averaging with scikit-image's ``resize_local_mean``.
+    """Resize a 2-D image by exact area averaging (pixel mixing).
 
-    Each output pixel is the exact mean of the input area it covers (pixel mixing, OpenCV's
-    ``INTER_AREA``), so downsampling by any factor, integer or not, is anti-aliased (no moiré from the
-    fine periodic structure of detector grids) and the image mean is preserved. Upsampling (a 3×3 image
-    to 64×64) degrades gracefully into blocks with fractional blending at their edges.
+    Each output pixel is the exact mean of the input area it covers (OpenCV's ``INTER_AREA``,
+    scikit-image's ``resize_local_mean``; the tests hold the two to float precision), so downsampling
+    by any factor, integer or not, is anti-aliased (no moiré from the fine periodic structure of
+    detector grids) and the image mean is preserved. Upsampling (a 3×3 image to 64×64) degrades
+    gracefully into blocks with fractional blending at their edges.
 
-    scikit-image computes this as two small matrix products. Under multi-threaded BLAS on an
-    oversubscribed machine those were measured 10–50× slower than single-threaded, which is why ingest
-    workers pin BLAS to one thread (see ``medvae.ingest``).
+    It is computed as two small matrix products with cached weights (:func:`area_weights`). That is
+    what scikit-image does too, but importing ``skimage.transform`` pulls in scipy.ndimage, which cost
+    every ingest worker 0.5 s at start-up, a sixth of a whole 5,000-file ingest on two cores. Under
+    multi-threaded BLAS on an oversubscribed machine these products were measured 10–50× slower than
+    single-threaded, which is why ingest workers pin BLAS to one thread (see ``medvae.ingest``).
 
     Args:
         img: a 2-D array of any real dtype.
@@ -146,12 +176,15 @@ def resize_area(img: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
         raise ValueError(f"output size must be positive, got {size}")
     if img.ndim != 2 or img.size == 0:
         raise ValueError(f"resize_area expects a non-empty 2-D image, got shape {img.shape}")
-    if img.shape == shape:
-        return np.array(img, dtype=np.float32)  # a copy: callers may write into the result
-    # preserve_range: the input is already in the units we want; without it scikit-image would rescale
-    # integer input by its dtype maximum.
-    out = resize_local_mean(np.asarray(img, dtype=np.float32), shape, grid_mode=True, preserve_range=True)
-    return np.asarray(out, dtype=np.float32)
+    arr = np.asarray(img, dtype=np.float32)
+    if arr.shape == shape:
+        return np.array(arr, dtype=np.float32)  # a copy: callers may write into the result
+    rows = area_weights(arr.shape[0], shape[0])
+    cols = area_weights(arr.shape[1], shape[1])
+    # Reduce the longer axis first: fewer multiply-adds for the second product.
+    if arr.shape[0] >= arr.shape[1]:
+        return np.ascontiguousarray((rows @ arr) @ cols.T, dtype=np.float32)
+    return np.ascontiguousarray(rows @ (arr @ cols.T), dtype=np.float32)
 
 
 def quantize(img01: np.ndarray) -> np.ndarray:

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from medvae.transforms import (
+    area_weights,
     luminance,
     normalise,
     percentile_window,
@@ -134,6 +135,34 @@ def test_resize_area_upsamples_tiny_image_into_blocks() -> None:
     img = np.array([[0.0, 1.0], [1.0, 0.0]], dtype=np.float32)
     out = resize_area(img, 64)
     assert out[:32, :32].max() == 0.0 and out[:32, 32:].min() == 1.0
+
+
+@pytest.mark.parametrize(
+    ("shape", "out"),
+    [
+        ((112, 112), (64, 64)),
+        ((700, 1000), (64, 64)),
+        ((97, 31), (64, 17)),
+        ((3, 5), (64, 64)),
+        ((5, 200), (64, 64)),
+    ],
+)
+def test_resize_area_matches_scikit_image_resize_local_mean(
+    shape: tuple[int, int], out: tuple[int, int]
+) -> None:
+    # scikit-image is the reference implementation of pixel mixing; ours only caches its weights.
+    from skimage.transform import resize_local_mean
+
+    img = np.random.default_rng(1).random(shape).astype(np.float32) * 1000
+    ref = resize_local_mean(img, out, grid_mode=True, preserve_range=True)
+    np.testing.assert_allclose(resize_area(img, out), ref, rtol=0, atol=1e-3)
+
+
+def test_area_weights_rows_sum_to_one_and_are_cached() -> None:
+    w = area_weights(224, 64)
+    assert w.shape == (64, 224)
+    np.testing.assert_allclose(w.sum(axis=1), 1.0, atol=1e-6)
+    assert area_weights(224, 64) is w and not w.flags.writeable
 
 
 def test_resize_area_returns_a_copy_and_rejects_bad_input() -> None:
