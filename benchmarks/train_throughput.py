@@ -152,6 +152,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seconds", type=float, default=20.0, help="timed training per loop, after warm-up")
     ap.add_argument("--images", type=int, default=4096)
     ap.add_argument("--batch", type=int, default=None, help="medvae batch size (default: TrainConfig's)")
+    ap.add_argument(
+        "--latent", type=int, default=32, help="medvae latent size (default: the reference's 32, same model)"
+    )
     ap.add_argument("--ref-batch", type=int, default=128, help="reference batch size (its own default)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the model (TrainConfig.compile)")
     ap.add_argument("--reference", action="store_true", help="also time the reference loop, interleaved")
@@ -170,7 +173,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     a = ap.parse_args(argv)
 
-    overrides: dict[str, object] = {"device": a.device, "compile": a.compile}
+    overrides: dict[str, object] = {
+        "device": a.device,
+        "compile": a.compile,
+        "model": {"latent_dim": a.latent},
+    }
     if a.batch is not None:
         overrides["batch_size"] = a.batch
     cfg = TrainConfig.model_validate(overrides)

@@ -22,7 +22,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
-from medvae.config import IngestConfig, LossConfig, ModelConfig, TrainConfig, to_jsonable
+from medvae.config import IngestConfig, Intensity, LossConfig, ModelConfig, TrainConfig, to_jsonable
 from medvae.deid import patient_from_name
 from medvae.model import ConvVAE
 from medvae.scoring import SCORES
@@ -64,9 +64,15 @@ class EvaluateConfig(BaseModel):
     split_fractions: tuple[float, float, float] = Field(
         (0.7, 0.1, 0.2), description="train/val/test shares of the images, assigned per patient."
     )
-    ingest: IngestConfig = Field(IngestConfig(), description="Decoding of ImageFolder sources.")
-    intensity: Literal["none", "clahe", "equalize"] = Field(
-        "clahe", description="Per-image intensity standardisation applied to every loaded image."
+    ingest: IngestConfig = Field(
+        IngestConfig(),
+        description="Decoding of ImageFolder sources (window, aspect, size). Its intensity is not used: "
+        "`intensity` below decides, so that an ablation changes one knob.",
+    )
+    intensity: Intensity = Field(
+        "clahe",
+        description="Per-image intensity standardisation of every loaded image (the ingest default). A store "
+        "whose images were standardised at ingest is never standardised twice.",
     )
     clahe_clip_limit: float = Field(0.01, gt=0, le=1, description="CLAHE clip limit.")
     anomaly: TrainConfig = Field(DEFAULT_ANOMALY, description="The anomaly VAE, trained on normals only.")
@@ -263,29 +269,18 @@ def load_store(uri: str, version: int | None = None) -> LabelledImages:
 
 
 def stored_intensity(uri: str) -> str:
-    """The intensity standardisation a store's images already had at ingest, from the version lineage.
-
-    Reads the ingest settings recorded with every version that ingested rows (``intensity``, absent in
-    stores written before the option existed, which means ``none``).
+    """The intensity standardisation a store's images already had at ingest, from its lineage.
 
     Returns:
         ``"none"``, ``"clahe"`` or ``"equalize"``.
 
     Raises:
-        ValueError: when versions were ingested with different settings (their images do not compare).
+        StoreError: when versions were ingested with different settings (their images do not compare).
     """
     from medvae.store import Store
 
-    found: set[str] = set()
-    for info in Store(uri).history():
-        cfg = info.lineage.get("config") or {}
-        if isinstance(cfg.get("ingest"), dict):
-            cfg = cfg["ingest"]  # a pipeline version records the whole pipeline config
-        if "aspect" in cfg and "size" in cfg:  # an IngestConfig: this version ingested scans
-            found.add(str(cfg.get("intensity") or "none"))
-    if len(found) > 1:
-        raise ValueError(f"store {uri} mixes versions ingested with intensity settings {sorted(found)}")
-    return found.pop() if found else "none"
+    settings = Store(uri).image_settings()
+    return str(settings["intensity"]) if settings else "none"
 
 
 def _folder_signature(root: Path, cfg: IngestConfig) -> str:
@@ -355,23 +350,8 @@ def load_dataset(
     return data, {"kind": "folder", "path": str(root), "cached": False, "rejected": rejected}
 
 
-def standardise_intensity(images: np.ndarray, method: str, clip_limit: float = 0.01) -> np.ndarray:
-    """Per-image intensity standardisation of uint8 images (proposed for medvae.transforms).
-
-    Scans from different sites, detectors and exposures differ in global brightness and contrast far
-    more than normal anatomy differs from normal anatomy; standardising each image removes that nuisance
-    variation before the VAE has to model it.
-
-    * ``clahe``: contrast-limited adaptive histogram equalisation (skimage ``equalize_adapthist``, 8×8
-      tiles of a 64×64 image, ``clip_limit``): local contrast is stretched tile by tile, so lung
-      texture and opacities fill the grey range whatever the exposure. Black padding stays black
-      (skimage rescales from the image minimum); a blank image is left as it is.
-    * ``equalize``: global histogram equalisation of each image.
-
-    Args:
-        images: uint8 (N, H, W).
-        method: ``"none"``, ``"clahe"`` or ``"equalize"``.
-        clip_limit: CLAHE's clip limit (0..1; higher means more contrast).
+def standardise_intensity(images: np.ndarray, method: Intensity, clip_limit: float = 0.01) -> np.ndarray:
+    """:func:`medvae.transforms.standardise_intensity` over a uint8 (N, H, W) batch.
 
     Returns:
         uint8 (N, H, W); the input itself for ``"none"``.
@@ -379,25 +359,11 @@ def standardise_intensity(images: np.ndarray, method: str, clip_limit: float = 0
     Raises:
         ValueError: for an unknown method.
     """
-    if method == "none":
+    from medvae.transforms import standardise_intensity as one
+
+    if method == "none" or len(images) == 0:
         return images
-    if method not in ("clahe", "equalize"):
-        raise ValueError(f"unknown intensity standardisation {method!r}; expected none, clahe or equalize")
-    from skimage import exposure
-
-    from medvae.transforms import quantize
-
-    out = np.empty_like(images)
-    for i, img in enumerate(images):
-        if int(img.max()) == int(img.min()):
-            out[i] = img  # a blank image has no contrast to standardise (skimage would make it white)
-            continue
-        if method == "clahe":
-            f = exposure.equalize_adapthist(img, clip_limit=clip_limit)
-        else:
-            f = exposure.equalize_hist(img, nbins=256)
-        out[i] = quantize(f)  # the same rounding as ingest's stored pixels
-    return out
+    return np.stack([one(img, method, clip_limit) for img in images])
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -1211,7 +1177,7 @@ def evaluate(
 
     # A store ingested with a standardisation already holds standardised pixels: never apply it twice.
     already = source_info.get("stored_intensity", "none")
-    applied = cfg.intensity if already == "none" else "none"
+    applied: Intensity = cfg.intensity if already == "none" else "none"
     x = standardise_intensity(data.images, applied, cfg.clahe_clip_limit)
     y01 = (data.labels != normal_label).astype(np.int64)
     groups = merge_duplicate_groups(data.images, data.groups)

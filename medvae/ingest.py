@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from medvae.config import IngestConfig, to_jsonable
 from medvae.deid import allowed_meta, keyed_hash, patient_from_name, split_for
 
@@ -134,10 +136,27 @@ def _init_worker(key: bytes, known: frozenset[str], cfg_json: str, pool_worker: 
     _W["cfg"] = IngestConfig.model_validate_json(cfg_json)
 
 
+def stored_image(img01: np.ndarray, cfg: IngestConfig) -> np.ndarray:
+    """A decoded, windowed ``[0, 1]`` image in the form the store keeps: square, 64×64, standardised uint8.
+
+    Ingest and screening both go through here, so a scan screened straight from the scanner is
+    prepared exactly as the training images were.
+
+    Args:
+        img01: a 2-D float image in ``[0, 1]`` from :mod:`medvae.readers`.
+        cfg: the ingest settings (size, aspect policy, intensity standardisation).
+
+    Returns:
+        A uint8 array of shape ``(cfg.size, cfg.size)``.
+    """
+    from medvae.transforms import normalise, standardise_intensity
+
+    return standardise_intensity(normalise(img01, cfg.size, cfg.aspect), cfg.intensity, cfg.clahe_clip_limit)
+
+
 def _process(job: tuple[str, str | None]) -> FileResult:
     """Decode one file into store rows, or say why not. Never raises: every file gets a result."""
     from medvae.readers import RejectedInput, decode_bytes
-    from medvae.transforms import normalise
 
     path_s, label = job
     cfg: IngestConfig = _W["cfg"]
@@ -165,7 +184,7 @@ def _process(job: tuple[str, str | None]) -> FileResult:
     rows: list[dict[str, Any]] = []
     for img in images:
         try:
-            pix = normalise(img.pixels, cfg.size, cfg.aspect)
+            pix = stored_image(img.pixels, cfg)
         except Exception as exc:
             return FileResult(path_s, REJECTED, f"cannot normalise image: {type(exc).__name__}: {exc}")
         patient = img.patient_ref or patient_from_name(path.name, cfg.patient_regex)
@@ -230,7 +249,7 @@ def ingest(
     Raises:
         StoreError: when the store itself cannot be read or written.
     """
-    from medvae.store import StoreError, empty_rows, lineage, to_arrow
+    from medvae.store import StoreError, empty_rows, image_settings_of, lineage, to_arrow
 
     csv_labels = read_labels_csv(cfg.labels_csv) if cfg.labels_csv else None
     walked = list(iter_files(sources))
@@ -242,6 +261,15 @@ def ingest(
         else:
             jobs.append((i, (str(path), _label_for(path, cfg, csv_labels))))
 
+    if store.exists():
+        # One store holds one kind of image: refuse to mix, say, CLAHE-standardised and raw pixels.
+        prior, mine = store.image_settings(), image_settings_of(to_jsonable(cfg))
+        if prior is not None and prior != mine:
+            diff = ", ".join(f"{k}={prior[k]}" for k in prior if prior[k] != mine[k])
+            raise StoreError(
+                f"store {store.uri} holds images ingested with {diff}; ingest with the same settings "
+                "(--set key=value) or into a new store"
+            )
     key = store.key()
     known = frozenset(store.ids("source_id"))
     init_args = (key, known, cfg.model_dump_json())

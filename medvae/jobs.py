@@ -112,6 +112,8 @@ def train_job(
         "store": store_uri,
         "version": data["version"],
         "where": data["where"],
+        # How the training pixels were made: screening prepares new scans the same way.
+        "image_settings": store.image_settings(),
         "train_rows": len(data["train_images"]),
         "val_rows": len(data["val_images"]),
     }
@@ -334,12 +336,17 @@ def screen_job(
 
     Files that cannot be read are listed with their reason; they never stop the batch.
     """
-    from medvae.ingest import iter_files
+    from medvae.ingest import iter_files, stored_image
     from medvae.readers import RejectedInput, decode_file
     from medvae.scoring import heatmaps, save_heatmap_pngs
-    from medvae.transforms import normalise
 
-    icfg = ingest_cfg or IngestConfig()
+    if ingest_cfg is None:
+        from medvae.artifacts import read_json
+
+        # Prepare new scans exactly as the model's training images were (size, aspect, intensity).
+        settings = (read_json(model_dir, "meta.json").get("dataset") or {}).get("image_settings") or {}
+        ingest_cfg = IngestConfig(**{k: v for k, v in settings.items() if v is not None})
+    icfg = ingest_cfg
     _ = screen_cfg or ScreenConfig()
     names: list[str] = []
     imgs: list[np.ndarray] = []
@@ -350,7 +357,7 @@ def screen_job(
             continue
         try:
             dec = decode_file(path, icfg)
-            imgs.append(normalise(dec[0].pixels, icfg.size, icfg.aspect))
+            imgs.append(stored_image(dec[0].pixels, icfg))
             names.append(str(path))
         except RejectedInput as exc:
             rejected.append((str(path), exc.reason))

@@ -6,7 +6,7 @@ import json
 import os
 import secrets
 import subprocess
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -97,6 +97,22 @@ def git_commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+IMAGE_SETTINGS = ("size", "aspect", "intensity", "clahe_clip_limit")
+
+
+def image_settings_of(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The pixel-defining part of an ingest config (a dict): :data:`IMAGE_SETTINGS`, normalised.
+
+    A missing ``intensity`` means ``none`` (stores from before the option), and the CLAHE clip limit
+    only matters when CLAHE is on.
+    """
+    out = {k: cfg.get(k) for k in IMAGE_SETTINGS}
+    out["intensity"] = out["intensity"] or "none"
+    if out["intensity"] != "clahe":
+        out["clahe_clip_limit"] = None
+    return out
 
 
 def lineage(operation: str, config: dict[str, Any], **extra: Any) -> dict[str, Any]:
@@ -264,6 +280,35 @@ class Store:
                 )
             )
         return out
+
+    def image_settings(self) -> dict[str, Any] | None:
+        """The ingest settings that shaped the pixels of this store's real rows, read from its lineage.
+
+        Every version that ingested scans records its resolved ingest config (a pipeline version nests
+        it under ``ingest``). Only the settings in :data:`IMAGE_SETTINGS` change what a stored image looks
+        like; they must agree across versions, or images would not be comparable. Versions written
+        before ``intensity`` existed count as ``none``.
+
+        Returns:
+            The settings, or None when no version has ingested scans yet.
+
+        Raises:
+            StoreError: when versions were ingested with different settings.
+        """
+        found: dict[str, dict[str, Any]] = {}
+        for info in self.history():
+            cfg = info.lineage.get("config") or {}
+            if isinstance(cfg.get("ingest"), dict):
+                cfg = cfg["ingest"]
+            if "aspect" in cfg and "size" in cfg:  # an ingest config: this version ingested scans
+                settings = image_settings_of(cfg)
+                found[json.dumps(settings, sort_keys=True)] = settings
+        if len(found) > 1:
+            raise StoreError(
+                f"store {self.uri} mixes versions ingested with different image settings: "
+                f"{sorted(found)}; its images do not compare"
+            )
+        return next(iter(found.values()), None)
 
     # ---------------------------------------------------------------- write
     def _commit(self, meta: dict[str, Any]) -> CommitProperties:

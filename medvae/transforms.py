@@ -7,6 +7,8 @@ from typing import Literal
 
 import numpy as np
 
+from medvae.config import Intensity
+
 # ITU-R BT.601 luma weights. They are also what a JPEG decoder uses for its Y channel, so an RGB
 # JPEG decoded straight to greyscale (``Image.draft("L")``) and an RGB image reduced here agree.
 BT601_WEIGHTS: tuple[float, float, float] = (0.299, 0.587, 0.114)
@@ -218,6 +220,51 @@ def normalise(img01: np.ndarray, size: int = 64, policy: Literal["pad", "crop"] 
         A uint8 array of shape ``(size, size)``.
     """
     return quantize(resize_area(to_square(img01, policy), size))
+
+
+def standardise_intensity(img: np.ndarray, method: Intensity, clip_limit: float = 0.01) -> np.ndarray:
+    """Per-image intensity standardisation of a normalised uint8 scan.
+
+    Scans from different sites, detectors and exposures differ in global brightness and contrast far
+    more than normal anatomy differs from normal anatomy. Standardising each image removes that nuisance
+    variation before the VAE has to model it (docs/quality.md has the measured effect on anomaly
+    screening). It runs on the 64×64 stored image, after resampling, so its cost does not grow with the
+    source resolution.
+
+    * ``clahe``: contrast-limited adaptive histogram equalisation (scikit-image ``equalize_adapthist``,
+      8×8 tiles, ``clip_limit``): local contrast is stretched tile by tile, so lung texture and
+      opacities fill the grey range whatever the exposure. Black padding stays black (scikit-image
+      rescales from the image minimum).
+    * ``equalize``: global histogram equalisation.
+
+    A blank image has no contrast to standardise and is returned unchanged (scikit-image would make it
+    white).
+
+    Args:
+        img: a uint8 2-D image.
+        method: ``"none"``, ``"clahe"`` or ``"equalize"``.
+        clip_limit: CLAHE's clip limit (0..1; higher means more contrast).
+
+    Returns:
+        A uint8 image of the same shape (the input itself for ``"none"`` or a blank image).
+
+    Raises:
+        ValueError: for an unknown method.
+    """
+    if method == "none":
+        return img
+    if method not in ("clahe", "equalize"):
+        raise ValueError(f"unknown intensity standardisation {method!r}; expected none, clahe or equalize")
+    if int(img.max()) == int(img.min()):
+        return img
+    # Imported here: only standardising ingests pay scikit-image's import (0.2 s per worker).
+    from skimage import exposure
+
+    if method == "clahe":
+        f = exposure.equalize_adapthist(img, clip_limit=clip_limit)
+    else:
+        f = exposure.equalize_hist(img, nbins=256)
+    return quantize(f)  # the same rounding as every stored pixel
 
 
 def luminance(rgb: np.ndarray) -> np.ndarray:

@@ -24,7 +24,7 @@ def test_yaml_then_overrides(tmp_path: Path) -> None:
     f.write_text("epochs: 7\nloss:\n  beta: 2.0\n  reconstruction: mse\n")
     cfg = load_config(TrainConfig, f, ["loss.beta=0.25"])
     assert cfg.epochs == 7 and cfg.loss.beta == 0.25 and cfg.loss.reconstruction == "mse"
-    assert cfg.model.channels == (32, 64, 128, 256) and cfg.model.latent_dim == 32
+    assert cfg.model.channels == (32, 64, 128, 256) and cfg.model.latent_dim == 128
 
 
 def test_unknown_keys_and_bad_values_fail(tmp_path: Path) -> None:

@@ -207,8 +207,13 @@ def test_evaluate_reads_a_store_version(tmp_path: Path) -> None:
     # The store holds keyed patient hashes: IM-0000-0001 and IM-0000-0002 still share a split.
     assert m["data"]["patients_crossing_splits"] == 0
     assert sum(s["patients"] for s in m["data"]["splits"].values()) == 12
-    assert m["intensity"]["applied_here"] == "clahe"
+    # The store's images were standardised at ingest (the default): never standardise them twice.
+    assert m["intensity"] == {"at_ingest": "clahe", "applied_here": "none"}
     assert "utility" not in m
+    raw = Store(str(tmp_path / "raw"))
+    ingest([root], raw, IngestConfig(workers=1, intensity="none"))
+    m2 = evaluate(raw.uri, tmp_path / "out2", normal_label="normal", cfg=cfg, progress=False)
+    assert m2["intensity"] == {"at_ingest": "none", "applied_here": "clahe"}
 
 
 def test_cli_evaluate_writes_metrics_and_prints_the_headline(tmp_path: Path) -> None:

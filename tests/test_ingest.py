@@ -169,3 +169,53 @@ def test_dicom_fixtures_are_all_accounted_for(shared_data: Path, tmp_path: Path)
         else:
             assert f.status == "rejected" and f.reason, f"{r['file']} should be rejected with a reason"
     assert store.read().num_rows == rep.counts["ingested"]
+
+
+@pytest.mark.integration
+def test_nih_cxr1000_gives_1000_labelled_rows_and_reingest_adds_none(
+    shared_data: Path, tmp_path: Path
+) -> None:
+    root = shared_data / "nih_cxr1000"
+    store = Store(tmp_path / "store")
+    rep = ingest([root], store, IngestConfig())  # every core, as a user runs it
+    assert rep.counts == {"seen": 1000 + 2, "ingested": 1000, "rejected": 2, "skipped": 0}
+    rejected = {Path(f.path).name for f in rep.files if f.status == "rejected"}
+    assert rejected == {"labels.csv", "SOURCE.md"}  # not images, each with a reason
+    t = store.read()
+    assert t.num_rows == 1000 and store.version() == 0
+    labels = t.column("label").to_pylist()
+    assert labels.count("0_normal") == labels.count("1_abnormal") == 500
+    # ChestX-ray14 names carry the patient (00000005_000.png): one patient never straddles two splits.
+    by_patient: dict[str, set[str]] = {}
+    for p, s in zip(t.column("patient_key").to_pylist(), t.column("split").to_pylist(), strict=True):
+        by_patient.setdefault(p, set()).add(s)
+    assert all(len(s) == 1 for s in by_patient.values()) and len(by_patient) < 1000
+    again = ingest([root], store, IngestConfig())
+    assert again.version is None and again.counts["skipped"] == 1000 and store.version() == 0
+
+
+def test_one_store_holds_one_kind_of_image(tree: Path, tmp_path: Path) -> None:
+    from medvae.store import StoreError
+
+    store = Store(tmp_path / "store")
+    ingest([tree / "normal"], store, IngestConfig(workers=1, intensity="clahe"))
+    assert store.image_settings() == {
+        "size": 64,
+        "aspect": "pad",
+        "intensity": "clahe",
+        "clahe_clip_limit": 0.01,
+    }
+    with pytest.raises(StoreError, match="intensity=clahe"):
+        ingest([tree / "pneumonia"], store, IngestConfig(workers=1, intensity="none"))
+    assert store.version() == 0  # nothing was written by the refused ingest
+    rep = ingest([tree / "pneumonia"], store, IngestConfig(workers=1, intensity="clahe"))
+    assert rep.version == 1
+
+
+def test_clahe_at_ingest_standardises_the_stored_pixels(tree: Path, tmp_path: Path) -> None:
+    raw, std = Store(tmp_path / "raw"), Store(tmp_path / "std")
+    ingest([tree / "normal"], raw, IngestConfig(workers=1, intensity="none"))
+    ingest([tree / "normal"], std, IngestConfig(workers=1, intensity="clahe"))
+    a, b = images_from(raw.read()), images_from(std.read())
+    assert a.shape == b.shape and not np.array_equal(a, b)
+    assert b.std() > a.std()  # histogram equalisation stretches the contrast of the noise images

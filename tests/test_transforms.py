@@ -12,6 +12,7 @@ from medvae.transforms import (
     percentile_window,
     quantize,
     resize_area,
+    standardise_intensity,
     to_square,
     window,
 )
@@ -213,3 +214,17 @@ def test_luminance_ignores_alpha_and_rejects_other_channel_counts() -> None:
     assert luminance(rgba).dtype == np.float32
     with pytest.raises(ValueError):
         luminance(np.zeros((2, 2, 2)))
+
+
+def test_standardise_intensity_stretches_contrast_and_leaves_blank_images() -> None:
+    rng = np.random.default_rng(0)
+    dull = (100 + rng.integers(0, 20, (64, 64))).astype(np.uint8)  # 20 grey levels in use
+    for method in ("clahe", "equalize"):
+        out = standardise_intensity(dull, method)
+        assert out.dtype == np.uint8 and out.shape == dull.shape
+        assert int(out.max()) - int(out.min()) > 150
+    blank = np.full((64, 64), 37, np.uint8)
+    assert standardise_intensity(blank, "clahe") is blank
+    assert standardise_intensity(dull, "none") is dull
+    with pytest.raises(ValueError, match="unknown intensity"):
+        standardise_intensity(dull, "zscore")  # type: ignore[arg-type]

@@ -1,0 +1,59 @@
+"""Tests for the stage jobs that join the store to training and scoring."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from medvae.config import IngestConfig, ModelConfig, TrainConfig
+from medvae.deid import keyed_hash
+from medvae.ingest import ingest
+from medvae.jobs import score_images, screen_job, train_job
+from medvae.store import Store, images_from
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _scans(root: Path, n: int = 24) -> list[Path]:
+    """Low-contrast, unevenly exposed 'scans': CLAHE changes them a lot, so a mismatch would show."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:96, 0:80]
+    paths = []
+    for i in range(n):
+        img = 90 + 20 * np.sin(xx / (4.0 + i % 5)) + 0.2 * yy * (i % 3) + rng.normal(0, 3, xx.shape)
+        p = root / "normal" / f"IM-{i:04d}-0001.png"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(p)
+        paths.append(p)
+    return paths
+
+
+def test_screen_prepares_new_scans_exactly_like_the_training_store(tmp_path: Path) -> None:
+    paths = _scans(tmp_path / "src")
+    store = Store(tmp_path / "store")
+    ingest([tmp_path / "src"], store, IngestConfig(workers=1, intensity="clahe"))
+    tiny = TrainConfig(
+        model=ModelConfig(channels=(8, 16), latent_dim=4), epochs=1, batch_size=8, patience=1, device="cpu"
+    )
+    model = tmp_path / "model"
+    train_job(store.uri, model, tiny, progress=False)
+
+    res = screen_job(model, [tmp_path / "src"])
+    assert res["scored"] == len(paths) and res["rejected"] == 0
+    by_file = {Path(r["file"]).name: r["score"] for r in res["results"]}
+
+    table = store.read()
+    ids = table.column("id").to_pylist()
+    stored = images_from(table)
+    key = store.key()
+    order = [ids.index(keyed_hash(key, "source", p.read_bytes())[:32]) for p in paths]
+    expected = score_images(model, stored[order])["score"]
+    np.testing.assert_allclose([by_file[p.name] for p in paths], expected, rtol=1e-5)
+
+    # The comparison can fail: without the store's CLAHE the same scans score differently.
+    plain = screen_job(model, [tmp_path / "src"], ingest_cfg=IngestConfig(intensity="none"))
+    plain_scores = {Path(r["file"]).name: r["score"] for r in plain["results"]}
+    assert not np.allclose([plain_scores[p.name] for p in paths], expected, rtol=1e-3)
