@@ -71,9 +71,7 @@ def bench(name: str, files: list[Path], repeats: int, intensity: str) -> None:
         t, n_mon = run_monai(files)
         mon.append(len(files) / t)
     m, r = max(med), max(mon)
-    print(
-        f"{name}: intensity={intensity}; {len(files)} files; medvae ingested {n_med}, MONAI loaded {n_mon}"
-    )
+    print(f"{name}: intensity={intensity}; {len(files)} files; medvae ingested {n_med}, MONAI loaded {n_mon}")
     print(f"{name}: medvae files/s: {m:.1f} (runs {', '.join(f'{x:.1f}' for x in med)})")
     print(f"{name}: MONAI LoadImage+Resize files/s: {r:.1f} (runs {', '.join(f'{x:.1f}' for x in mon)})")
     print(f"{name}: ratio medvae/MONAI: {m / r:.2f}x")

@@ -88,7 +88,10 @@ def iter_files(sources: Sequence[Path]) -> Iterator[tuple[Path, str | None]]:
         if not os.path.lexists(src):
             yield src, "does not exist"
             continue
-        if src.is_file():
+        if not src.is_dir():
+            # Files, and also what is neither file nor folder (a FIFO, a device, a symlink loop or a
+            # dangling link): the decoder stage says exactly what is wrong with it, where os.walk would
+            # only report "cannot list folder: Not a directory".
             yield src, None
             continue
         errors: list[OSError] = []
@@ -162,12 +165,27 @@ def _process(job: tuple[str, str | None]) -> FileResult:
     cfg: IngestConfig = _W["cfg"]
     key: bytes = _W["key"]
     path = Path(path_s)
+    if label is not None and not _is_utf8(label):
+        # A folder name in a legacy encoding (e.g. Latin-1 bytes) reaches Python as surrogate escapes,
+        # which the store's UTF-8 string column refuses: at commit time, failing the whole ingest. The
+        # name itself stays out of the reason, as reasons are tallied into the store's lineage.
+        return FileResult(
+            path_s,
+            REJECTED,
+            "label folder name is not valid UTF-8: labels are stored as text; rename the folder "
+            "(e.g. with convmv) or give labels in labels_csv",
+        )
     try:
         st = path.stat()
         if not stat.S_ISREG(st.st_mode):
-            return FileResult(path_s, REJECTED, "not a regular file")
+            return FileResult(path_s, REJECTED, f"not a regular file ({_file_kind(st.st_mode)})")
         if st.st_size > cfg.max_file_bytes:
-            return FileResult(path_s, REJECTED, f"file is {st.st_size} bytes, over max_file_bytes")
+            return FileResult(
+                path_s,
+                REJECTED,
+                f"file is {st.st_size} bytes, over max_file_bytes={cfg.max_file_bytes}; not read "
+                "(raise max_file_bytes to ingest it)",
+            )
         data = path.read_bytes()
     except OSError as exc:
         return FileResult(path_s, REJECTED, f"cannot read file: {exc.strerror or exc}")
@@ -178,7 +196,11 @@ def _process(job: tuple[str, str | None]) -> FileResult:
         images = decode_bytes(data, path.name, cfg)
     except RejectedInput as exc:
         return FileResult(path_s, REJECTED, exc.reason)
-    except Exception as exc:  # a decoder bug must not stop the batch; the file is rejected with the cause
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:
+        # A decoder bug must not stop the batch; the file is rejected with the cause. BaseException, not
+        # Exception: a panicking Rust codec raises pyo3's PanicException, which derives from it.
         return FileResult(path_s, REJECTED, f"unexpected decoder error {type(exc).__name__}: {exc}")
 
     rows: list[dict[str, Any]] = []
@@ -188,7 +210,11 @@ def _process(job: tuple[str, str | None]) -> FileResult:
         except Exception as exc:
             return FileResult(path_s, REJECTED, f"cannot normalise image: {type(exc).__name__}: {exc}")
         patient = img.patient_ref or patient_from_name(path.name, cfg.patient_regex)
-        patient_key = keyed_hash(key, "patient", patient.encode())[:32] if patient else None
+        # surrogatepass: a patient ID cut from a non-UTF-8 file name holds surrogate escapes, which plain
+        # encode() refuses (an exception outside any handler); this encoding is still one-to-one.
+        patient_key = (
+            keyed_hash(key, "patient", patient.encode("utf-8", "surrogatepass"))[:32] if patient else None
+        )
         meta = allowed_meta(img.meta)
         spacing = meta.pop("pixel_spacing") or [None, None]
         row_id = source_id[:32] if len(images) == 1 else f"{source_id[:32]}-f{img.frame_index}"
@@ -211,6 +237,29 @@ def _process(job: tuple[str, str | None]) -> FileResult:
             }
         )
     return FileResult(path_s, INGESTED, None, ids=[r["id"] for r in rows], rows=rows)
+
+
+def _is_utf8(text: str) -> bool:
+    """Whether ``text`` can be stored as UTF-8 (file names in other encodings carry surrogate escapes)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _file_kind(mode: int) -> str:
+    """What a non-regular file is, in words, for a rejection reason."""
+    for test, kind in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a named pipe"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ):
+        if test(mode):
+            return kind
+    return "an unknown kind of file"
 
 
 # ------------------------------------------------------------------------------------------- ingest

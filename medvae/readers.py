@@ -136,6 +136,19 @@ _NON_SCAN_MODALITIES: dict[str, str] = {
     "AU": "an audio recording, not a scan",
 }
 
+# Image Pixel module attributes that are integers (VR US), and the VRs that hold an integer.
+_IMAGE_PIXEL_INTEGERS = (
+    "Rows",
+    "Columns",
+    "SamplesPerPixel",
+    "BitsAllocated",
+    "BitsStored",
+    "HighBit",
+    "PixelRepresentation",
+    "PlanarConfiguration",
+)
+_INTEGER_VRS = frozenset({"US", "SS", "UL", "SL", "US or SS"})
+
 # A generous bound on everything in a data set except its pixels, for the deflate guard below.
 _NON_PIXEL_BYTES_ALLOWANCE = 64 * 2**20
 
@@ -449,6 +462,13 @@ def _decode_dicom_checked(data: bytes, cfg: IngestConfig) -> list[DecodedImage]:
     modality = _text(ds.get("Modality"))
 
     if not any(kw in ds for kw in _PIXEL_DATA_KEYWORDS):
+        if sop_name is None and modality is None:
+            # Nothing says what this is, so it is not a well-formed non-image object (an SR names its SOP
+            # class): most often a file cut short after its header, or a preamble and "DICM" and nothing.
+            raise RejectedInput(
+                f"no pixel data, SOP Class UID or Modality ({len(ds)} data elements parsed): "
+                "the data set is empty or the file is truncated"
+            )
         what = sop_name or (f"Modality {modality}" if modality else "this object")
         if sop_name and "Image" in sop_name:
             raise RejectedInput(
@@ -456,6 +476,7 @@ def _decode_dicom_checked(data: bytes, cfg: IngestConfig) -> list[DecodedImage]:
             )
         raise RejectedInput(f"no pixel data: {what} is not an image (e.g. structured report)")
     _check_scan_policy(ds, sop_name, modality)
+    _check_image_pixel_vrs(ds)
 
     rows, cols = _positive_int(ds.get("Rows")), _positive_int(ds.get("Columns"))
     if rows is None or cols is None:
@@ -487,6 +508,7 @@ def _decode_dicom_checked(data: bytes, cfg: IngestConfig) -> list[DecodedImage]:
     if photometric not in _MONOCHROME | _COLOUR and photometric != "PALETTE COLOR":
         raise RejectedInput(f"unsupported PhotometricInterpretation {photometric!r}")
 
+    _check_pixel_encoding(ds, ts, n_frames)
     raw_frames = _decode_frames(ds, ts, frames, n_frames)
     signed_codestream = _j2k_signed_despite_header(ds, ts, n_frames, photometric)
     meta_base = _dicom_meta(ds, ts, sop_name, modality, photometric, rows, cols)
@@ -591,6 +613,73 @@ def _check_scan_policy(ds: Dataset, sop_name: str | None, modality: str | None) 
         raise RejectedInput(f"policy: Modality {modality} {what} is {_NON_SCAN_MODALITIES[modality.upper()]}")
 
 
+def _check_image_pixel_vrs(ds: Dataset) -> None:
+    """Refuse Image Pixel attributes stored under a non-integer VR, naming the attribute.
+
+    Explicit VR files carry each attribute's VR, and a broken writer can store Rows as DS "512.0" or
+    BitsAllocated as LO. A lenient int() reads some of those, but pydicom's decoders then fail with
+    "'DSfloat' object cannot be interpreted as an integer" or "'<=' not supported between 'str' and
+    'int'", which says nothing about the file.
+    """
+    for keyword in _IMAGE_PIXEL_INTEGERS:
+        if keyword in ds:
+            elem = ds[keyword]
+            if elem.VR not in _INTEGER_VRS:
+                raise RejectedInput(
+                    f"{elem.tag} {keyword} is stored with VR {elem.VR}, but the standard says US: the "
+                    "file was written by a broken encoder (re-export it, or fix the VR with a DICOM tool)"
+                )
+
+
+def _check_pixel_encoding(ds: Dataset, ts: pydicom.uid.UID, n_frames: int) -> None:
+    """Refuse pixel data whose storage contradicts the transfer syntax or the declared size, before decoding.
+
+    Without this, a transfer syntax that lies fails deep inside pydicom with a message about item tags
+    ("unexpected tag ... when parsing the Basic Offset Table"), and native pixel data holding whole
+    frames more than Rows × Columns × NumberOfFrames declare is decoded in full (the max_pixels bound
+    counts declared frames only) and then refused for a shape nobody can act on.
+    """
+    if not ts.is_transfer_syntax:
+        return  # a private or unknown UID: the decoder refuses it with a reason that names it
+    elem = next((ds[kw] for kw in _PIXEL_DATA_KEYWORDS if kw in ds), None)
+    if elem is None:
+        return
+    if ts.is_encapsulated:
+        # Encapsulated pixel data is a sequence of items, so it starts with an Item tag (FFFE,E000); judged
+        # by content rather than by the undefined length, which some writers replace with the real one.
+        value = elem.value if isinstance(elem.value, (bytes, bytearray)) else b""
+        if not value.startswith(b"\xfe\xff\x00\xe0"):
+            raise RejectedInput(
+                f"the transfer syntax is {ts.name} (compressed), but the pixel data is not encapsulated "
+                "(no fragment items): it is stored uncompressed, or the File Meta Transfer Syntax UID is "
+                "wrong (rewrite it, e.g. as Explicit VR Little Endian)"
+            )
+        return
+    if elem.is_undefined_length:
+        raise RejectedInput(
+            f"the pixel data is compressed (encapsulated fragments), but the transfer syntax is {ts.name}: "
+            "the File Meta Transfer Syntax UID is wrong (set it to the codec the data was compressed with)"
+        )
+    if not isinstance(elem.value, (bytes, bytearray)):
+        return  # pixel data under a wrong VR: left to the decoder, which refuses it
+    try:
+        from pydicom.pixels.utils import get_expected_length
+
+        expected = int(get_expected_length(ds, "bytes"))
+    except Exception:
+        return  # size attributes pydicom cannot use: the decoder refuses them with its own reason
+    frame_bytes = expected // n_frames
+    # Up to one padding byte (odd lengths are padded to even) and any excess short of a frame are
+    # ignored by pydicom; a whole frame or more means the header does not describe this data.
+    excess = len(elem.value) - (expected + expected % 2)
+    if frame_bytes > 0 and excess >= frame_bytes:
+        raise RejectedInput(
+            f"pixel data is {len(elem.value)} bytes, {excess // frame_bytes} whole frame(s) more than the "
+            f"{expected} bytes that Rows, Columns, SamplesPerPixel, BitsAllocated and NumberOfFrames "
+            "declare: the header's image size or frame count is wrong"
+        )
+
+
 def _decode_frames(
     ds: Dataset, ts: pydicom.uid.UID, frames: Sequence[int], n_frames: int
 ) -> list[np.ndarray]:
@@ -609,6 +698,16 @@ def _decode_frames(
         raise
     except Exception as exc:
         raise RejectedInput(f"cannot decode {ts.name} pixel data: {_one_line(exc)}") from exc
+    except (KeyboardInterrupt, SystemExit, GeneratorExit):
+        raise
+    except BaseException as exc:
+        # pylibjpeg-rle is written in Rust, and a malformed RLE segment makes it panic ("index out of
+        # bounds"); pyo3 turns the panic into PanicException, which derives from BaseException so that
+        # `except Exception` misses it, and one bad file would end the whole ingest.
+        raise RejectedInput(
+            f"cannot decode {ts.name} pixel data: the decoder crashed ({type(exc).__name__}: "
+            f"{_one_line(exc)}); the compressed data is corrupt"
+        ) from exc
 
 
 def _j2k_signed_despite_header(ds: Dataset, ts: pydicom.uid.UID, n_frames: int, photometric: str) -> bool:
@@ -737,7 +836,8 @@ def _window_center_width(values: np.ndarray, center: float, width: float, functi
         if width <= 0:
             return None
         z = np.clip(-4.0 * (values.astype(np.float64) - center) / width, -80.0, 80.0)
-        return (1.0 / (1.0 + np.exp(z))).astype(np.float32)
+        # NaN pixels (float pixel data) pass through clip and exp; they are shown black, as window() does.
+        return np.nan_to_num((1.0 / (1.0 + np.exp(z))).astype(np.float32), copy=False, nan=0.0)
     return None
 
 

@@ -13,6 +13,10 @@ from medvae.config import Intensity
 # JPEG decoded straight to greyscale (``Image.draft("L")``) and an RGB image reduced here agree.
 BT601_WEIGHTS: tuple[float, float, float] = (0.299, 0.587, 0.114)
 
+# window() works in float32 only while both bounds are within this magnitude: then high - low, and its
+# reciprocal, stay normal float32 numbers (max 3.4e38, smallest normal 1.2e-38).
+_F32_SAFE_BOUND = 1e37
+
 
 def window(img: np.ndarray, low: float, high: float) -> np.ndarray:
     """Map ``[low, high]`` linearly onto ``[0, 1]`` and clip everything outside.
@@ -23,7 +27,7 @@ def window(img: np.ndarray, low: float, high: float) -> np.ndarray:
         high: the value that maps to 1 (white); must be greater than ``low``.
 
     Returns:
-        A float32 array of the same shape with values in ``[0, 1]``.
+        A float32 array of the same shape with values in ``[0, 1]``; never NaN (NaN inputs map to 0).
 
     Raises:
         ValueError: when ``high <= low`` or either bound is not finite, because the mapping would
@@ -32,10 +36,24 @@ def window(img: np.ndarray, low: float, high: float) -> np.ndarray:
     low, high = float(low), float(high)
     if not (np.isfinite(low) and np.isfinite(high)) or high <= low:
         raise ValueError(f"window needs finite bounds with high > low, got low={low}, high={high}")
-    # float32 is plenty for a display window and halves the memory of large frames versus float64.
-    out = np.asarray(img, dtype=np.float32) - np.float32(low)
-    out *= np.float32(1.0 / (high - low))
-    return np.clip(out, 0.0, 1.0, out=out)
+    if max(abs(low), abs(high)) <= _F32_SAFE_BOUND:
+        # float32 is plenty for a display window and halves the memory of large frames versus float64.
+        # Values beyond float32's range overflow to ±inf here, which still clip to the right end.
+        with np.errstate(over="ignore", invalid="ignore"):
+            out = np.asarray(img, dtype=np.float32) - np.float32(low)
+            out *= np.float32(1.0 / (high - low))
+        np.clip(out, 0.0, 1.0, out=out)
+        if not np.isnan(out).any():
+            return out
+    # The rare cases float32 gets wrong: bounds beyond its ±3.4e38 (a forged RescaleSlope of 1e300, a
+    # WindowCenter of 1e300), where low itself overflows to inf and every pixel then meets inf - inf or
+    # inf * 0 (NaN) or a wrong clip, and NaN pixels in float input. Redo in float64 with every term
+    # halved, so that high - low cannot overflow either, and send NaN to 0 (black), as percentile_window
+    # does with non-finite values.
+    x = np.clip(np.asarray(img, dtype=np.float64), low, high)
+    out = ((x * 0.5 - low * 0.5) / (high * 0.5 - low * 0.5)).astype(np.float32)
+    np.clip(out, 0.0, 1.0, out=out)
+    return np.nan_to_num(out, copy=False, nan=0.0)
 
 
 def percentile_window(img: np.ndarray, pct: tuple[float, float] = (0.5, 99.5)) -> np.ndarray:
