@@ -398,7 +398,7 @@ def evaluate(
             source, out_dir, normal_label=normal_label, cfg=cfg, store_version=version, progress=True
         )
         for line in summary_lines(metrics):
-            out.print(line, highlight=False)
+            out.print(line, highlight=False, soft_wrap=True)  # a figure split over two lines misleads
         out.print(f"wrote {out_dir / 'metrics.json'} and {out_dir / 'report.html'}", highlight=False)
 
     run_cli(body)
