@@ -40,7 +40,11 @@ _DERIVED = ("calibration.json", "calibration.safetensors")
 # they need not be importable on a training-only GPU box.
 _OPTIONAL_PACKAGES = ("torchvision", "monai", "pydicom", "deltalake", "prefect", "safetensors", "pydantic")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-_LAYOUT = f"a medvae model directory holds {WEIGHTS}, {CONFIG}, {META} and {HASH} (written by save_model_dir)"
+# Ends with what to do: CLI users see this text as their one-line error.
+_LAYOUT = (
+    f"a medvae model directory holds {WEIGHTS}, {CONFIG}, {META} and {HASH}; "
+    "make one with `medvae train --store STORE --out DIR`"
+)
 
 
 def package_versions() -> dict[str, str]:
@@ -101,10 +105,14 @@ def _tensor_bytes(tensors: dict[str, Tensor], metadata: dict[str, str] | None = 
     return st_save(flat, metadata=metadata)
 
 
+def _require_dir(model_dir: Path) -> None:
+    if not Path(model_dir).is_dir():
+        raise FileNotFoundError(f"{model_dir} is not a directory; {_LAYOUT}")
+
+
 def _require_model_dir(model_dir: Path) -> Path:
     model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise FileNotFoundError(f"{model_dir} is not a directory; {_LAYOUT}")
+    _require_dir(model_dir)
     if not (model_dir / WEIGHTS).is_file():
         pickles = sorted(
             p.name
@@ -244,6 +252,7 @@ def read_json(model_dir: Path, name: str) -> dict[str, Any]:
         ValueError: when it does not hold a JSON object.
     """
     _check_name(name, ".json")
+    _require_dir(model_dir)  # "DIR is not a directory" says more than "DIR/meta.json not found"
     path = Path(model_dir) / name
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found; {_LAYOUT}")

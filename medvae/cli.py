@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -20,11 +22,16 @@ app = typer.Typer(
     no_args_is_help=True,
     help="medvae: ingest medical scans into a versioned dataset, train a VAE, make synthetic images, screen.",
 )
+# Pillow's DEBUG records print decoded EXIF/TIFF tag values (Artist, ImageDescription ...): PHI in the logs
+# of anyone running with DEBUG logging (e.g. PREFECT_LOGGING_ROOT_LEVEL=DEBUG). Never below INFO for it.
+logging.getLogger("PIL").setLevel(logging.INFO)
+
 console = Console(stderr=True)
 out = Console()
 _STATE: dict[str, bool] = {"debug": False}
 
 T = TypeVar("T")
+_DISK_FULL = frozenset({errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)})  # full disk, or over quota
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file for this stage.")]
 SetOpt = Annotated[
@@ -59,7 +66,17 @@ def run_cli(fn: Callable[[], T]) -> T:
         where = ".".join(str(p) for p in first.get("loc", ()))
         msg = f"invalid config: {where}: {first.get('msg')} (see configs/ for valid values)"
         _fail(msg, exc)
-    except (StoreError, FileNotFoundError, ValueError, RuntimeError, OSError) as exc:
+    except OSError as exc:
+        if exc.errno in _DISK_FULL:
+            # "[Errno 28] No space left on device" alone does not say where or what to do about it.
+            where = f" while writing {exc.filename}" if exc.filename else ""
+            _fail(
+                f"the disk is full (no space left on device){where}: free some disk space or point "
+                "--out/--store at a disk with more room, then run the command again",
+                exc,
+            )
+        _fail(str(exc) or type(exc).__name__, exc)
+    except (StoreError, ValueError, RuntimeError) as exc:
         _fail(str(exc) or type(exc).__name__, exc)
     raise AssertionError("unreachable")
 

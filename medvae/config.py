@@ -196,8 +196,19 @@ def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
         if "=" not in pair:
             raise ValueError(f"override {pair!r} must look like key=value (e.g. train.epochs=3)")
         key, raw = pair.split("=", 1)
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:  # a parser traceback would hide which override was wrong
+            raise ValueError(f"override {pair!r}: {_yaml_problem(exc)}; quote the value or fix it") from exc
+        _set_dotted(tree, key.strip(), value)
     return tree
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """A one-line description of a YAML syntax error, with its line and column when known."""
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    mark = getattr(exc, "problem_mark", None)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
 
 
 def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -220,7 +231,15 @@ def load_config(cls: type[C], path: Path | str | None = None, overrides: list[st
     """
     data: dict[str, Any] = {}
     if path is not None:
-        loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        if not Path(path).is_file():
+            # The bare errno text would not say that it is the config file that is missing.
+            raise FileNotFoundError(
+                f"config file {path} not found; pass an existing YAML file (see configs/)"
+            )
+        try:
+            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:  # one line for the operator, not a parser traceback
+            raise ValueError(f"{path} is not valid YAML: {_yaml_problem(exc)}; fix the file") from exc
         if loaded is not None and not isinstance(loaded, dict):
             raise ValueError(f"{path}: expected a mapping at the top level, got {type(loaded).__name__}")
         data = loaded or {}

@@ -909,7 +909,21 @@ class PhiScanner:
             leaks += self._scan_parquet(path, where)
         elif suffix in (".png", ".jpg", ".jpeg"):
             leaks += self._scan_image(path, where)
+        elif suffix == ".dcm":
+            leaks += self.scan_dicom(path, where)
         return leaks
+
+    def scan_dicom(self, path: Path, where: str) -> list[Leak]:
+        """Scan every decoded DICOM element value, file meta and nested sequence items included.
+
+        Raw bytes miss values in a deflated data set or a non-UTF-8 character set; decoding finds them.
+        """
+        import pydicom
+
+        ds = pydicom.dcmread(path, force=True)
+        texts = [f"{el.tag} {el.keyword}={el.value!r}" for el in ds.file_meta.iterall()]
+        texts += [f"{el.tag} {el.keyword}={el.value!r}" for el in ds.iterall() if el.VR != "SQ"]
+        return self.scan_text("\n".join(texts), where, "decoded DICOM elements")
 
     def _scan_json(self, data: bytes, where: str) -> list[Leak]:
         strings: list[str] = []

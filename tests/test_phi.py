@@ -1,6 +1,13 @@
 """PHI test: DICOMs with distinctive PHI in every PS3.15 Annex E Basic Profile attribute, in private tags and
-in folder and file names, go through ``medvae ingest`` and ``medvae export``; not one planted string may occur
-in any byte under the store or the export, nor in ``medvae versions --json``.
+in folder and file names, go through every stage of the CLI: ``ingest``, ``export``, ``versions``, ``train``
+(``--where label=normal``), ``augment`` (``--dicom``, ``--pictures``) and ``screen`` (``--out``,
+``--heatmaps``). Not one planted string may occur in any byte of the store (its commit metadata included),
+the export, the model directory, the synthetic DICOMs (every decoded element, file meta included), the
+pictures, the heat maps (names and bytes) or the captured CLI output and log records.
+
+Exempt, by design: the ingest ``--report`` JSON, the screen ``--out`` CSV, and the CLI lines that name a
+rejected or screened file are operator-facing accounts of *input files* and are documented to contain their
+source paths; so PHI planted in folder and file names may appear there, but no PHI from inside a file.
 
 A PNG and a JPEG in a PHI-named folder, with PHI in their names and text metadata, are ingested too, labelled
 from a CSV: a clean CSV label must replace the PHI folder name that folder labels would have used.
@@ -10,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import shutil
 from collections import Counter
@@ -27,6 +35,7 @@ from typer.testing import CliRunner
 from medvae.cli import app
 from tests.phi import (
     ANNEX_E_BASIC_PROFILE,
+    UID_ROOT,
     Leak,
     PhiScanner,
     make_phi_dicoms_with_origins,
@@ -36,6 +45,8 @@ from tests.phi import (
 
 N_DICOM = 3
 IMAGE_LABELS = ("normal", "pneumonia")  # clean labels for the PNG and the JPEG, from the CSV
+DICOM_LABEL = "normal"  # the DICOMs' clean label, from a second CSV: training needs a few rows per label
+TINY = ["--set", "model.channels=[8,16,32,32]", "--set", "model.latent_dim=8", "--set", "batch_size=16"]
 
 
 @dataclass
@@ -50,6 +61,35 @@ class PhiRun:
     versions_out: str
     exit_codes: dict[str, int]
     outputs: dict[str, str]
+    model: Path
+    dicom_out: Path
+    pictures: Path
+    heatmaps: Path
+    scores_csv: Path
+    burned_report: Path
+    log_text: str
+
+
+def _path_strings(planted: dict[str, str]) -> set[str]:
+    """Planted strings that live only in input folder and file names (see the module docstring)."""
+    return {s for s, where in planted.items() if "path component" in where}
+
+
+def _source_uids(root: Path) -> set[str]:
+    """Every instance UID of every input DICOM: none may reach a synthetic DICOM.
+
+    Well-known UIDs from the standard (transfer syntaxes, SOP classes) and the writer's implementation
+    class UID identify no patient or study and are shared by every file, so they are left out.
+    """
+    from pydicom._uid_dict import UID_dictionary
+
+    uids: set[str] = set()
+    for path in root.rglob("*.dcm"):
+        ds = pydicom.dcmread(path)
+        for el in [*ds.file_meta.iterall(), *ds.iterall()]:
+            if el.VR == "UI" and el.value and el.keyword != "ImplementationClassUID":
+                uids.update(str(v) for v in (el.value if el.VM > 1 else [el.value]))
+    return uids - set(UID_dictionary)
 
 
 def _invoke(runner: CliRunner, args: list[str], stdout_only: bool = False) -> tuple[int, str]:
@@ -80,37 +120,158 @@ def phi_run(tmp_path_factory: pytest.TempPathFactory) -> PhiRun:
         for img, label in zip(images, IMAGE_LABELS, strict=True):
             w.writerow([os.path.relpath(img, labels_dir), label])
 
+    # The DICOMs get one clean label from a CSV too: folder labels would be the PHI folder names.
+    dicom_csv = labels_dir / "dicom_labels.csv"
+    with dicom_csv.open("w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "label"])
+        for dcm in sorted(dicom_src.rglob("*.dcm")):
+            w.writerow([os.path.relpath(dcm, labels_dir), DICOM_LABEL])
+    # One more copy marked BurnedInAnnotation YES, in a clean folder: policy must reject it.
+    burned_dir = base / "burned"
+    burned_dir.mkdir()
+    ds = pydicom.dcmread(next(dicom_src.rglob("*.dcm")))
+    ds.BurnedInAnnotation = "YES"
+    ds.save_as(burned_dir / "scan.dcm")
+
     store, export = base / "store", base / "export"
     reports = [base / "reports" / "dicom.json", base / "reports" / "images.json"]
+    model, dicom_out, pictures = base / "model", base / "synthetic_dicom", base / "pictures"
+    heatmaps, scores_csv = base / "heatmaps", base / "screen" / "scores.csv"
+    burned_report = base / "reports" / "burned.json"
     runner = CliRunner()
     codes: dict[str, int] = {}
     outputs: dict[str, str] = {}
-    # Folder labels would be the PHI folder names, so the DICOMs go in without labels ...
-    codes["ingest dicom"], outputs["ingest dicom"] = _invoke(
-        runner, ["ingest", str(dicom_src), "--store", str(store), "--no-labels", "--report", str(reports[0])]
-    )
-    # ... and the images with clean labels from the CSV.
-    codes["ingest images"], outputs["ingest images"] = _invoke(
-        runner,
-        [
-            "ingest",
-            str(image_src),
-            "--store",
-            str(store),
-            "--labels-csv",
-            str(labels_csv),
-            "--report",
-            str(reports[1]),
-        ],
-    )
-    codes["export"], outputs["export"] = _invoke(
-        runner, ["export", "--store", str(store), "--out", str(export)]
-    )
-    codes["versions"], outputs["versions"] = _invoke(
-        runner, ["versions", "--store", str(store), "--json"], stdout_only=True
-    )
+
+    # Every log record of every library, at every level, is captured and scanned too.
+    records: list[str] = []
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = lambda rec: records.append(f"{rec.name}: {rec.getMessage()}")  # type: ignore[method-assign]
+    root_logger = logging.getLogger()
+    old_level = root_logger.level
+    root_logger.addHandler(handler)
+    root_logger.setLevel(logging.DEBUG)
+
+    def step(name: str, args: list[str], stdout_only: bool = False) -> None:
+        codes[name], outputs[name] = _invoke(runner, args, stdout_only)
+
+    try:
+        step(
+            "ingest dicom",
+            [
+                "ingest",
+                str(dicom_src),
+                "--store",
+                str(store),
+                "--labels-csv",
+                str(dicom_csv),
+                "--report",
+                str(reports[0]),
+                "--workers",
+                "1",
+            ],
+        )
+        step(
+            "ingest images",
+            [
+                "ingest",
+                str(image_src),
+                "--store",
+                str(store),
+                "--labels-csv",
+                str(labels_csv),
+                "--report",
+                str(reports[1]),
+                "--workers",
+                "1",
+            ],
+        )
+        step(
+            "ingest burned",
+            [
+                "ingest",
+                str(burned_dir),
+                "--store",
+                str(store),
+                "--no-labels",
+                "--report",
+                str(burned_report),
+                "--workers",
+                "1",
+            ],
+        )
+        step("export", ["export", "--store", str(store), "--out", str(export)])
+        step("versions", ["versions", "--store", str(store), "--json"], stdout_only=True)
+        step(
+            "train",
+            [
+                "train",
+                "--store",
+                str(store),
+                "--out",
+                str(model),
+                "--where",
+                f"label={DICOM_LABEL}",
+                "--epochs",
+                "1",
+                "--device",
+                "cpu",
+                *TINY,
+            ],
+        )
+        step(
+            "augment",
+            [
+                "augment",
+                "--model",
+                str(model),
+                "--store",
+                str(store),
+                "--count",
+                "4",
+                "--dicom",
+                str(dicom_out),
+                "--pictures",
+                str(pictures),
+            ],
+        )
+        step(
+            "screen",
+            [
+                "screen",
+                str(dicom_src),
+                str(image_src),
+                "--model",
+                str(model),
+                "--out",
+                str(scores_csv),
+                "--heatmaps",
+                str(heatmaps),
+            ],
+        )
+        step("screen table", ["screen", str(dicom_src), str(image_src), "--model", str(model)])
+        step("versions after", ["versions", "--store", str(store)])
+    finally:
+        root_logger.removeHandler(handler)
+        root_logger.setLevel(old_level)
     return PhiRun(
-        planted, dicom_src, image_src, images, store, export, reports, outputs["versions"], codes, outputs
+        planted,
+        dicom_src,
+        image_src,
+        images,
+        store,
+        export,
+        reports,
+        outputs["versions"],
+        codes,
+        outputs,
+        model,
+        dicom_out,
+        pictures,
+        heatmaps,
+        scores_csv,
+        burned_report,
+        "\n".join(records),
     )
 
 
@@ -141,6 +302,8 @@ def test_generator_covers_annex_e(tmp_path: Path) -> None:
 
 def test_ingest_export_versions_succeed(phi_run: PhiRun) -> None:
     for step, code in phi_run.exit_codes.items():
+        if step == "ingest burned":
+            continue  # rejected by policy: test_burned_in_annotation_is_rejected
         assert code == 0, f"{step} failed ({code}):\n{phi_run.outputs[step]}"
     dicom_report = json.loads(phi_run.reports[0].read_text())
     image_report = json.loads(phi_run.reports[1].read_text())
@@ -150,13 +313,34 @@ def test_ingest_export_versions_succeed(phi_run: PhiRun) -> None:
     assert [h["rows"] for h in history] == [N_DICOM, N_DICOM + 2]
 
 
+def test_train_augment_screen_succeed(phi_run: PhiRun) -> None:
+    for step in ("train", "augment", "screen", "screen table"):
+        assert phi_run.exit_codes[step] == 0, f"{step}:\n{phi_run.outputs[step]}"
+    assert (phi_run.model / "weights.safetensors").is_file()
+    assert len(list(phi_run.dicom_out.glob("*.dcm"))) >= 1
+    assert len(list(phi_run.pictures.glob("*.png"))) >= 2
+    with phi_run.scores_csv.open(newline="", encoding="utf-8") as fh:
+        scored = [r for r in csv.DictReader(fh) if r["status"] == "scored"]
+    assert len(scored) == N_DICOM + 2
+    assert len(list(phi_run.heatmaps.glob("*.png"))) == len(scored)
+
+
+def test_burned_in_annotation_is_rejected(phi_run: PhiRun) -> None:
+    assert phi_run.exit_codes["ingest burned"] == 1, phi_run.outputs["ingest burned"]
+    report = json.loads(phi_run.burned_report.read_text())
+    assert report["counts"] == {"seen": 1, "ingested": 0, "rejected": 1, "skipped": 0}
+    reasons = json.dumps(report)
+    assert "BurnedInAnnotation YES" in reasons and "reject_burned_in" in reasons
+    assert "BurnedInAnnotation YES" in phi_run.outputs["ingest burned"]
+
+
 def test_csv_labels_replace_phi_folder_names(phi_run: PhiRun) -> None:
     assert phi_run.exit_codes["export"] == 0, phi_run.outputs["export"]
     with (phi_run.export / "manifest.csv").open(newline="", encoding="utf-8") as fh:
         labels = Counter(row["label"] for row in csv.DictReader(fh))
-    assert labels == Counter({"": N_DICOM, **dict.fromkeys(IMAGE_LABELS, 1)})
+    assert labels == Counter({DICOM_LABEL: N_DICOM}) + Counter(IMAGE_LABELS)
     folders = {p.name for p in phi_run.export.iterdir() if p.is_dir()}
-    assert folders == {"unlabelled", *IMAGE_LABELS}
+    assert folders == {DICOM_LABEL, *IMAGE_LABELS}
 
 
 def test_no_planted_phi_in_store_or_export(phi_run: PhiRun) -> None:
@@ -173,6 +357,82 @@ def test_no_planted_phi_in_versions_output(phi_run: PhiRun) -> None:
     assert phi_run.exit_codes["versions"] == 0, phi_run.outputs["versions"]
     leaks = PhiScanner(phi_run.planted).scan_text(phi_run.versions_out, "versions --json", "stdout")
     assert not leaks, _format_leaks(leaks, phi_run.planted)
+
+
+def test_no_planted_phi_in_model_synthetic_dicom_pictures_or_heatmaps(phi_run: PhiRun) -> None:
+    assert phi_run.exit_codes["screen"] == 0, phi_run.outputs["screen"]
+    roots = {
+        "store": phi_run.store,  # again: augment added a version and its commit metadata
+        "model": phi_run.model,
+        "synthetic_dicom": phi_run.dicom_out,
+        "pictures": phi_run.pictures,
+        "heatmaps": phi_run.heatmaps,
+    }
+    for name, root in roots.items():
+        assert any(p.is_file() for p in root.rglob("*")), f"{name} is empty"
+    assert {"meta.json", "config.json", "calibration.json", "hash.txt"} <= {
+        p.name for p in phi_run.model.iterdir()
+    }
+    leaks = scan_for_phi(roots, phi_run.planted)
+    assert not leaks, _format_leaks(leaks, phi_run.planted)
+
+
+def test_synthetic_dicoms_are_marked_and_carry_no_source_uids(phi_run: PhiRun) -> None:
+    files = sorted(phi_run.dicom_out.glob("*.dcm"))
+    assert files, phi_run.outputs["augment"]
+    source_uids = _source_uids(phi_run.dicom_src)
+    assert len(source_uids) > 5
+    for path in files:
+        ds = pydicom.dcmread(path)
+        assert ds.PatientIdentityRemoved == "YES" and ds.BurnedInAnnotation == "NO"
+        uids = {str(el.value) for el in [*ds.file_meta.iterall(), *ds.iterall()] if el.VR == "UI"}
+        assert not uids & source_uids, f"{path.name} reuses source UIDs {uids & source_uids}"
+        assert not any(u.startswith(UID_ROOT) for u in uids)
+
+
+def test_no_planted_phi_in_cli_output_or_logs(phi_run: PhiRun) -> None:
+    """Everything the commands printed, and every log record, holds no PHI from inside a file.
+
+    Lines naming input files (rejections, the screen table) may show PHI folder and file names: the
+    operator typed those paths (module docstring); so those strings are exempt there, and only there.
+    """
+    scanner = PhiScanner(phi_run.planted)
+    inside_only = PhiScanner(set(phi_run.planted) - _path_strings(phi_run.planted))
+    names_input_files = {"screen table", "ingest dicom", "ingest images", "ingest burned"}
+    leaks: list[Leak] = []
+    for step, text in phi_run.outputs.items():
+        leaks += (inside_only if step in names_input_files else scanner).scan_text(text, f"output of {step}")
+    leaks += scanner.scan_text(phi_run.log_text, "log records")
+    assert not leaks, _format_leaks(leaks, phi_run.planted)
+    assert "scored" in phi_run.outputs["screen"]  # really captured
+
+
+def test_operator_reports_hold_only_source_paths(phi_run: PhiRun) -> None:
+    """The ingest reports and the screen CSV name input files (exempt), but hold no PHI from inside them."""
+    inside_only = PhiScanner(set(phi_run.planted) - _path_strings(phi_run.planted))
+    leaks: list[Leak] = []
+    for path in [*phi_run.reports, phi_run.burned_report, phi_run.scores_csv]:
+        leaks += inside_only.scan_file(path, path.name)
+    assert not leaks, _format_leaks(leaks, phi_run.planted)
+    # The exemption is real: the screen CSV does name the PHI input paths.
+    assert PhiScanner(_path_strings(phi_run.planted)).scan_file(phi_run.scores_csv, "scores.csv")
+
+
+def test_scanner_decodes_dicom_elements(tmp_path: Path) -> None:
+    """A value hidden from raw bytes (a deflated data set) is found in the decoded elements."""
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    needle = "PHI_DEFLATED_ZZTOP_12345"
+    src = tmp_path / "src"
+    make_phi_dicoms_with_origins(src, 1)
+    ds = pydicom.dcmread(next(src.rglob("*.dcm")))
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ds.ImageComments = needle * 20  # repeated: deflate hides it from the raw bytes
+    out = tmp_path / "deflated.dcm"
+    ds.save_as(out, enforce_file_format=True)
+    assert needle.encode() not in out.read_bytes().lower() and needle.lower().encode() not in out.read_bytes()
+    leaks = PhiScanner([needle]).scan_file(out, "deflated.dcm")
+    assert [lk.how.split(",")[0] for lk in leaks] == ["decoded DICOM elements"]
 
 
 def test_scanner_finds_a_planted_string(phi_run: PhiRun, tmp_path: Path) -> None:
@@ -227,4 +487,50 @@ def test_labels_csv_in_a_phi_folder_does_not_leak_its_path(phi_run: PhiRun, tmp_
     code, out = _invoke(CliRunner(), args)
     assert code == 0, out
     leaks = scan_for_phi({"store": store}, phi_run.planted)
+    assert not leaks, _format_leaks(leaks, phi_run.planted)
+
+
+@pytest.mark.integration
+def test_no_planted_phi_in_prefect_artifacts_or_logs(
+    prefect_harness: None, phi_run: PhiRun, tmp_path: Path
+) -> None:
+    """The ingest flow, run under a Prefect server, publishes no PHI in its artifacts or its run logs.
+
+    Exempt: the flow run's *parameters* (the source paths the operator passed, as with ``--report``).
+    """
+    import anyio
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
+
+    from flows.ingest import ingest_flow
+
+    store = tmp_path / "store"
+    state = ingest_flow(
+        [str(phi_run.dicom_src), str(phi_run.image_src)],
+        str(store),
+        {"workers": 1, "labels": "none"},
+        return_state=True,
+    )
+    assert state.is_completed(), state
+    run_id = state.state_details.flow_run_id
+    assert run_id is not None
+
+    async def read() -> tuple[list[str], list[str]]:
+        async with get_client() as client:
+            runs = FlowRunFilter(id=FlowRunFilterId(any_=[run_id]))
+            artifacts = await client.read_artifacts(flow_run_filter=runs)
+            logs = await client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
+        arts = [json.dumps({"key": a.key, "description": a.description, "data": a.data}) for a in artifacts]
+        return arts, [lg.message for lg in logs]
+
+    from prefect.logging.handlers import APILogHandler
+
+    APILogHandler().flush()  # run logs are sent in batches: make sure this run's have reached the server
+    artifacts, logs = anyio.run(read)
+    assert artifacts and any("medvae ingest" in a for a in artifacts)
+    assert any("ingested" in m for m in logs)
+    scanner = PhiScanner(phi_run.planted)
+    leaks = [lk for i, a in enumerate(artifacts) for lk in scanner.scan_text(a, f"prefect artifact {i}")]
+    leaks += scanner.scan_text("\n".join(logs), "prefect flow-run logs")
+    leaks += scan_for_phi({"store": store}, phi_run.planted)
     assert not leaks, _format_leaks(leaks, phi_run.planted)
