@@ -122,7 +122,9 @@ class TrainConfig(_Frozen):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     compile: bool = Field(False, description="torch.compile the model (measured; optional).")
-    augment: bool = Field(False, description="Light geometric/intensity augmentation during training.")
+    augment: bool = Field(
+        False, description="Shift each training image by up to 4 px and scale its contrast by up to 10%."
+    )
     false_positive_rate: float = Field(0.05, gt=0, lt=1, description="Anomaly threshold calibration FPR.")
 
 

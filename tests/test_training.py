@@ -12,6 +12,7 @@ import torch
 from medvae.config import LossConfig, ModelConfig, TrainConfig
 from medvae.training import (
     CHECKPOINT_NAME,
+    augment_batch,
     build_training,
     load_checkpoint,
     run_epoch,
@@ -260,3 +261,31 @@ def test_trains_on_cuda(tmp_path: Path) -> None:
         x, None, cfg.model_copy(update={"epochs": 4}), checkpoint_dir=tmp_path, resume=True, progress=False
     )
     assert len(resumed.history) == 4
+
+
+def test_augment_batch_shifts_whole_pixels_and_scales_contrast() -> None:
+    x = torch.as_tensor(_patterns(8)).unsqueeze(1).float() / 255
+    g = torch.Generator().manual_seed(0)
+    out = augment_batch(x, g, max_shift=4, max_gain=0.1)
+    assert out.shape == x.shape and out.dtype == torch.float32
+    assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
+    assert not torch.equal(out, x)
+    for a, b in zip(x, out, strict=True):
+        # A square of 255s moves by whole pixels (no blur) and keeps its area unless it hits the border.
+        values = torch.unique(b[b > 0])
+        assert values.numel() == 1 and 0.89 <= float(values[0]) <= 1.0
+        assert int((b > 0).sum()) <= int((a > 0).sum())
+    again = augment_batch(x, torch.Generator().manual_seed(0), max_shift=4, max_gain=0.1)
+    assert torch.equal(out, again)  # reproducible from the generator alone
+    still = augment_batch(x, torch.Generator().manual_seed(0), max_shift=0, max_gain=0.0)
+    assert torch.equal(still, x)  # no shift and no gain is the identity
+
+
+def test_training_with_augmentation_is_seeded_and_differs_from_without() -> None:
+    x = _patterns(24)
+    cfg = _cfg(model=ModelConfig(image_size=32, channels=(8, 16), latent_dim=4), epochs=2)
+    plain = train_vae(x, None, cfg, progress=False).model.state_dict()
+    aug_a = train_vae(x, None, cfg.model_copy(update={"augment": True}), progress=False).model.state_dict()
+    aug_b = train_vae(x, None, cfg.model_copy(update={"augment": True}), progress=False).model.state_dict()
+    _states_equal(aug_a, aug_b)
+    assert any(not torch.equal(plain[k], aug_a[k]) for k in plain)
