@@ -520,8 +520,9 @@ def train_vae(
     channels-last layout; ``cfg.compile`` wraps the model in ``torch.compile``.
 
     Validation runs after every epoch in eval mode (deterministic, z = μ) with the KL weight fixed at
-    ``beta`` so that epochs compare during the KL warm-up. Training stops after ``cfg.patience`` epochs
-    without a strictly lower validation loss, and the best epoch's weights are restored at the end.
+    ``beta`` so that epochs compare during the KL warm-up. Selection starts when the warm-up ends (the
+    warm-up epochs never count as best or against patience); training then stops after ``cfg.patience``
+    epochs without a strictly lower validation loss, and the best epoch's weights are restored at the end.
 
     With ``checkpoint_dir``, ``checkpoint.pt`` is rewritten atomically after every epoch. ``resume=True``
     continues after the last completed epoch; on the CPU the result is bit-identical to an uninterrupted
@@ -648,7 +649,15 @@ def train_vae(
                     "img_per_s": tr.images / tr.seconds if tr.seconds > 0 else 0.0,
                 }
             )
-            if va.loss < best_val:  # NaN never compares lower, so a NaN epoch counts as no improvement
+            if epoch < cfg.loss.kl_warmup_epochs:
+                # During the KL warm-up the model is still being pulled towards the prior, and its val
+                # ELBO can look best at epoch 0 or 1, before the KL term bites. Selecting or stopping on
+                # those epochs kept an untrained model (measured: the tutorial recipe at batch 128 stopped
+                # at epoch 10 with epoch 1's weights, SSIM 0.12). So warm-up epochs never count against
+                # patience, and the model at the end of the warm-up is where selection starts.
+                best_val, best_epoch, bad_epochs = va.loss, epoch, 0
+                best_state = _clone_state(setup.model)
+            elif va.loss < best_val:  # NaN never compares lower, so a NaN epoch counts as no improvement
                 best_val, best_epoch, bad_epochs = va.loss, epoch, 0
                 best_state = _clone_state(setup.model)
             else:

@@ -121,7 +121,8 @@ def test_early_stopping_restores_best() -> None:
     n = len(res.history)
     assert n < 30
     vals = [h["val_loss"] for h in res.history]
-    assert res.best_epoch == int(np.argmin(vals))
+    first = 1  # selection starts at the last warm-up epoch (kl_warmup_epochs=2 in _cfg)
+    assert res.best_epoch == first + int(np.argmin(vals[first:]))
     assert res.best_epoch == n - 2  # the last epoch was the one (and only) epoch without improvement
     assert vals[-1] >= vals[-2]
     # The returned weights are the best epoch's, not the last epoch's.
@@ -289,3 +290,14 @@ def test_training_with_augmentation_is_seeded_and_differs_from_without() -> None
     aug_b = train_vae(x, None, cfg.model_copy(update={"augment": True}), progress=False).model.state_dict()
     _states_equal(aug_a, aug_b)
     assert any(not torch.equal(plain[k], aug_a[k]) for k in plain)
+
+
+def test_warm_up_epochs_are_never_selected_or_counted_against_patience() -> None:
+    # With patience 1, an early stop during the warm-up would end training at epoch 1 or 2; selection
+    # may only start at the end of the warm-up, so the best epoch is at least kl_warmup_epochs - 1.
+    x = _noise(32)
+    cfg = _cfg(loss=LossConfig(kl_warmup_epochs=4), epochs=6, patience=1)
+    res = train_vae(x, None, cfg, val_images=_noise(16, seed=1), progress=False)
+    assert len(res.history) >= 5
+    assert res.best_epoch >= 3
+    assert [h["kl_weight"] for h in res.history[:4]] == [0.0, 0.25, 0.5, 0.75]
