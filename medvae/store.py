@@ -6,7 +6,7 @@ import json
 import os
 import secrets
 import subprocess
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from deltalake import CommitProperties, DeltaTable, write_deltalake
-from deltalake.exceptions import TableNotFoundError
+from deltalake.exceptions import CommitFailedError, TableNotFoundError
 
 from medvae import __version__
 
@@ -68,6 +68,10 @@ SCORE_COLUMNS = (
 )
 KEY_DIR = "_medvae"
 KEY_FILE = "store.key"
+# A merge reads the whole table, so delta-rs refuses to commit it over a concurrent append (another
+# ingest): the merge must be re-run on the new snapshot. Bounded, so a store under constant write
+# contention ends in a clear error instead of spinning.
+MERGE_ATTEMPTS = 8
 
 
 class StoreError(RuntimeError):
@@ -311,11 +315,11 @@ class Store:
         return next(iter(found.values()), None)
 
     # ---------------------------------------------------------------- write
-    def _commit(self, meta: dict[str, Any]) -> CommitProperties:
+    def _commit(self, meta: dict[str, Any], retries: int = 10) -> CommitProperties:
         # One JSON string under one key: delta-rs keeps custom metadata as commitInfo fields, and a
         # single self-contained document is easier to read back than many flattened keys.
         return CommitProperties(
-            custom_metadata={"medvae": json.dumps(meta, default=str)}, max_commit_retries=10
+            custom_metadata={"medvae": json.dumps(meta, default=str)}, max_commit_retries=retries
         )
 
     def insert_new(self, rows: pa.Table, meta: dict[str, Any]) -> int | None:
@@ -340,25 +344,45 @@ class Store:
                     name="medvae",
                     description="medvae dataset of 64x64 medical images",
                     storage_options=self.storage_options,
-                    commit_properties=self._commit(meta),
+                    # No commit retries: when another writer creates the table first, delta-rs would
+                    # otherwise retry this mode="error" write as a blind append on top of it (version 1,
+                    # duplicating every shared id). Failing instead falls through to the de-duplicating merge.
+                    commit_properties=self._commit(meta, retries=0),
                 )
-                return self.version()
+                return 0  # without retries, a successful create is version 0 (later ones may exist by now)
             except Exception as exc:  # another writer created the table first: fall through to merge
                 if not self.exists():
                     raise StoreError(f"cannot create store at {self.uri}: {exc}") from exc
-        dt = self.table()
-        (
-            dt.merge(
-                rows,
-                predicate="t.id = s.id",
-                source_alias="s",
-                target_alias="t",
-                commit_properties=self._commit(meta),
+
+        def attempt(dt: DeltaTable) -> bool:
+            # Keep only ids absent from the snapshot the merge runs against: the caller's view of the store
+            # may be stale (a concurrent ingest committed the same files meanwhile), and lineage must
+            # record the rows this version really adds, not those the caller hoped to add. Nothing new
+            # means no empty version. A conflicting commit re-runs this on the newer snapshot.
+            present = set(dt.to_pyarrow_table(columns=["id"]).column("id").to_pylist())
+            new = rows.filter(
+                pc.invert(pc.is_in(rows.column("id"), value_set=pa.array(list(present), pa.string())))
             )
-            .when_not_matched_insert_all()
-            .execute()
-        )
-        return dt.version()
+            if new.num_rows == 0:
+                return False
+            m = dict(meta)
+            if "rows_added" in m and m["rows_added"] != new.num_rows:
+                m["rows_added"] = new.num_rows
+                m["rows_already_present"] = rows.num_rows - new.num_rows
+            (
+                dt.merge(
+                    new,
+                    predicate="t.id = s.id",
+                    source_alias="s",
+                    target_alias="t",
+                    commit_properties=self._commit(m),
+                )
+                .when_not_matched_insert_all()
+                .execute()
+            )
+            return True
+
+        return self._merge_retrying(attempt)
 
     def upsert(self, rows: pa.Table, meta: dict[str, Any], update_columns: Iterable[str]) -> int:
         """One atomic version that updates ``update_columns`` of matching ids and inserts the rest.
@@ -366,21 +390,52 @@ class Store:
         The pipeline uses it to write synthetic rows and the real rows' anomaly scores together.
         """
         rows = rows.cast(SCHEMA)
-        dt = self.table()
         updates = {c: f"s.{c}" for c in update_columns}
-        (
-            dt.merge(
-                rows,
-                predicate="t.id = s.id",
-                source_alias="s",
-                target_alias="t",
-                commit_properties=self._commit(meta),
+
+        def attempt(dt: DeltaTable) -> bool:
+            (
+                dt.merge(
+                    rows,
+                    predicate="t.id = s.id",
+                    source_alias="s",
+                    target_alias="t",
+                    commit_properties=self._commit(meta),
+                )
+                .when_matched_update(updates=updates)
+                .when_not_matched_insert_all()
+                .execute()
             )
-            .when_matched_update(updates=updates)
-            .when_not_matched_insert_all()
-            .execute()
+            return True
+
+        version = self._merge_retrying(attempt)
+        assert version is not None  # attempt() always writes
+        return version
+
+    def _merge_retrying(self, attempt: Callable[[DeltaTable], bool]) -> int | None:
+        """Run ``attempt`` on a fresh snapshot until its merge commits; a concurrent writer's commit
+        (``CommitFailedError``) means re-reading the table and merging again, at most MERGE_ATTEMPTS times.
+
+        Returns:
+            The committed version, or None when ``attempt`` found nothing to write.
+        """
+        for i in range(MERGE_ATTEMPTS):
+            dt = self.table()
+            try:
+                if not attempt(dt):
+                    return None
+            except CommitFailedError as exc:
+                if i + 1 == MERGE_ATTEMPTS:
+                    raise self._contention_error(exc) from exc
+                continue
+            return dt.version()
+        raise AssertionError("unreachable")
+
+    def _contention_error(self, exc: Exception) -> StoreError:
+        return StoreError(
+            f"store {self.uri} kept changing under this write ({MERGE_ATTEMPTS} attempts, each beaten by "
+            f"another writer's commit); nothing was written. Re-run the command: rows that the other "
+            f"writers added are skipped, not duplicated. ({exc})"
         )
-        return dt.version()
 
 
 def empty_rows() -> dict[str, list[Any]]:
