@@ -44,5 +44,6 @@ row clahe_L128          --set intensity=clahe --set anomaly.model.latent_dim=128
 row clahe_L256          --set intensity=clahe --set anomaly.model.latent_dim=256
 row clahe_L128_mse      --set intensity=clahe --set anomaly.model.latent_dim=128 --set anomaly.loss.reconstruction=mse
 row clahe_L128_beta2    --set intensity=clahe --set anomaly.model.latent_dim=128 --set anomaly.loss.beta=2
+row clahe_L128_aug      --set intensity=clahe --set anomaly.model.latent_dim=128 --set anomaly.augment=true
 row clahe_L128_split1   --set intensity=clahe --set anomaly.model.latent_dim=128 --set split_seed=1
 row clahe_L128_split2   --set intensity=clahe --set anomaly.model.latent_dim=128 --set split_seed=2
