@@ -264,14 +264,20 @@ class Store:
         col = self.table().to_pyarrow_table(columns=[column]).column(column)
         return {v for v in col.to_pylist() if v is not None}
 
+    def _commits(self) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+        """Every commit, oldest first, as (delta-rs commit info, medvae lineage); one read of the log."""
+        out = []
+        for entry in sorted(self.table().history(), key=lambda e: int(e.get("version", 0))):
+            raw = entry.get("medvae")
+            out.append((entry, json.loads(raw) if isinstance(raw, str) else {}))
+        return out
+
     def history(self) -> list[VersionInfo]:
         """Every version, oldest first, with its row count, operation and lineage."""
-        dt = self.table()
         out: list[VersionInfo] = []
-        for entry in sorted(dt.history(), key=lambda e: int(e.get("version", 0))):
+        for entry, meta in self._commits():
             v = int(entry.get("version", 0))
-            raw = entry.get("medvae")
-            meta: dict[str, Any] = json.loads(raw) if isinstance(raw, str) else {}
+            # Row counts need each version's snapshot: this opens one table per version.
             at = DeltaTable(self.uri, version=v, storage_options=self.storage_options)
             rows = sum(int(n) for n in at.get_add_actions(flatten=True).column("num_records").to_pylist())
             out.append(
@@ -300,8 +306,9 @@ class Store:
             StoreError: when versions were ingested with different settings.
         """
         found: dict[str, dict[str, Any]] = {}
-        for info in self.history():
-            cfg = info.lineage.get("config") or {}
+        # Only the commit metadata is needed: every ingest checks this, so it must not open each version.
+        for _, meta in self._commits():
+            cfg = meta.get("config") or {}
             if isinstance(cfg.get("ingest"), dict):
                 cfg = cfg["ingest"]
             if "aspect" in cfg and "size" in cfg:  # an ingest config: this version ingested scans

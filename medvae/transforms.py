@@ -43,7 +43,8 @@ def window(img: np.ndarray, low: float, high: float) -> np.ndarray:
             out = np.asarray(img, dtype=np.float32) - np.float32(low)
             out *= np.float32(1.0 / (high - low))
         np.clip(out, 0.0, 1.0, out=out)
-        if not np.isnan(out).any():
+        # Integer pixels with bounds this small cannot produce NaN; only float input needs the extra pass.
+        if not np.issubdtype(np.asarray(img).dtype, np.floating) or not np.isnan(out).any():
             return out
     # The rare cases float32 gets wrong: bounds beyond its ±3.4e38 (a forged RescaleSlope of 1e300, a
     # WindowCenter of 1e300), where low itself overflows to inf and every pixel then meets inf - inf or

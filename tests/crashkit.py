@@ -576,13 +576,18 @@ def concurrent_ingests(
     Returns:
         One ``("ok", version, rows_added)`` or ``("error", exception type, message)`` per writer.
     """
+    return _run_together(
+        _ingest_after_barrier, [([str(p) for p in fs], str(store)) for fs in file_sets], timeout
+    )
+
+
+def _run_together(target: Any, argses: Sequence[tuple[Any, ...]], timeout: float) -> list[tuple[Any, ...]]:
+    """Run ``target(*args, barrier, result)`` in one spawned process per ``args``, released together by a
+    barrier; returns what each put on the result queue."""
     ctx = mp.get_context("spawn")
-    barrier = ctx.Barrier(len(file_sets))
+    barrier = ctx.Barrier(len(argses))
     result = ctx.Queue()
-    procs = [
-        ctx.Process(target=_ingest_after_barrier, args=([str(p) for p in fs], str(store), barrier, result))
-        for fs in file_sets
-    ]
+    procs = [ctx.Process(target=target, args=(*args, barrier, result)) for args in argses]
     for p in procs:
         p.start()
     out = [result.get(timeout=timeout) for _ in procs]
@@ -623,19 +628,7 @@ def concurrent_inserts(
     Tighter than :func:`concurrent_ingests` (no decoding between the barrier and the commit), so the
     commits really collide, including the creation of a new store.
     """
-    ctx = mp.get_context("spawn")
-    barrier = ctx.Barrier(len(id_sets))
-    result = ctx.Queue()
-    procs = [
-        ctx.Process(target=_insert_after_barrier, args=(str(store), list(ids), barrier, result))
-        for ids in id_sets
-    ]
-    for p in procs:
-        p.start()
-    out = [result.get(timeout=timeout) for _ in procs]
-    for p in procs:
-        p.join(timeout=timeout)
-    return out
+    return _run_together(_insert_after_barrier, [(str(store), list(ids)) for ids in id_sets], timeout)
 
 
 def expected_ids(store: Path, files: Sequence[Path]) -> set[str]:
