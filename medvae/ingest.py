@@ -18,8 +18,11 @@ import numpy as np
 
 from medvae.config import IngestConfig, to_jsonable
 from medvae.deid import allowed_meta, keyed_hash, patient_from_name, split_for
+from medvae.staging import read_bytes, remove_tree, write_bytes
 
 if TYPE_CHECKING:  # the store pulls in deltalake and pyarrow, which spawned decoder workers never need
+    import pyarrow as pa
+
     from medvae.store import Store
 
 INGESTED, REJECTED, SKIPPED = "ingested", "rejected", "skipped"
@@ -123,6 +126,19 @@ def read_labels_csv(path: Path) -> dict[str, str]:
 
 
 # ------------------------------------------------------------------------------------------- workers
+@dataclass(frozen=True)
+class DecodeContext:
+    """What decoding one file needs besides the file: the store's key, the ids it holds, the config.
+
+    ``known`` is anything with ``in``: a frozenset in the embedded path, a :class:`KnownIds` array when
+    batches run on a task runner (compact enough to ship to every worker of a large archive).
+    """
+
+    key: bytes
+    known: Any
+    cfg: IngestConfig
+
+
 _W: dict[str, Any] = {}
 
 
@@ -134,9 +150,7 @@ def _init_worker(key: bytes, known: frozenset[str], cfg_json: str, pool_worker: 
         from threadpoolctl import threadpool_limits
 
         _W["limits"] = threadpool_limits(1)
-    _W["key"] = key
-    _W["known"] = known
-    _W["cfg"] = IngestConfig.model_validate_json(cfg_json)
+    _W["ctx"] = DecodeContext(key, known, IngestConfig.model_validate_json(cfg_json))
 
 
 def stored_image(img01: np.ndarray, cfg: IngestConfig) -> np.ndarray:
@@ -157,13 +171,25 @@ def stored_image(img01: np.ndarray, cfg: IngestConfig) -> np.ndarray:
     return standardise_intensity(normalise(img01, cfg.size, cfg.aspect), cfg.intensity, cfg.clahe_clip_limit)
 
 
-def _process(job: tuple[str, str | None]) -> FileResult:
-    """Decode one file into store rows, or say why not. Never raises: every file gets a result."""
+def _process_in_worker(job: tuple[str, str | None]) -> FileResult:
+    """:func:`decode_one` with the context that :func:`_init_worker` installed in this process."""
+    return decode_one(job, _W["ctx"])
+
+
+def decode_one(job: tuple[str, str | None], ctx: DecodeContext) -> FileResult:
+    """Decode one file into store rows, or say why not. Never raises: every file gets a result.
+
+    Args:
+        job: the file's path and its label (None when unlabelled).
+        ctx: the store key, the source ids already stored, and the ingest config.
+
+    Returns:
+        The file's result; its rows hold the pixels when it was ingested.
+    """
     from medvae.readers import RejectedInput, decode_bytes
 
     path_s, label = job
-    cfg: IngestConfig = _W["cfg"]
-    key: bytes = _W["key"]
+    cfg, key = ctx.cfg, ctx.key
     path = Path(path_s)
     if label is not None and not _is_utf8(label):
         # A folder name in a legacy encoding (e.g. Latin-1 bytes) reaches Python as surrogate escapes,
@@ -190,7 +216,7 @@ def _process(job: tuple[str, str | None]) -> FileResult:
     except OSError as exc:
         return FileResult(path_s, REJECTED, f"cannot read file: {exc.strerror or exc}")
     source_id = keyed_hash(key, "source", data)
-    if source_id in _W["known"]:
+    if source_id in ctx.known:
         return FileResult(path_s, SKIPPED, "already in the store (same content)", ids=[])
     try:
         images = decode_bytes(data, path.name, cfg)
@@ -271,6 +297,55 @@ def _label_for(path: Path, cfg: IngestConfig, csv_labels: dict[str, str] | None)
     return None
 
 
+@dataclass
+class IngestPlan:
+    """The walked input of one ingest, before any file is decoded.
+
+    Attributes:
+        results: one slot per walked file, in walk order; files the walk itself rejected are filled in.
+        jobs: ``(slot, (path, label))`` for every file still to decode.
+        key: the store's HMAC key (never leaves the machine that plans and the workers that decode).
+        known: source ids already in the store; their files are skipped without decoding.
+    """
+
+    results: list[FileResult | None]
+    jobs: list[tuple[int, tuple[str, str | None]]]
+    key: bytes
+    known: frozenset[str]
+
+
+def plan_ingest(sources: Sequence[Path], store: Store, cfg: IngestConfig) -> IngestPlan:
+    """Walk ``sources``, check the store's image settings, and list the files to decode.
+
+    Creates the store's key on first use, so that workers elsewhere can read it.
+
+    Raises:
+        StoreError: when the store holds images made with other image settings, or cannot be read.
+    """
+    from medvae.store import StoreError, image_settings_of
+
+    csv_labels = read_labels_csv(cfg.labels_csv) if cfg.labels_csv else None
+    walked = list(iter_files(sources))
+    results: list[FileResult | None] = [None] * len(walked)
+    jobs: list[tuple[int, tuple[str, str | None]]] = []
+    for i, (path, walk_error) in enumerate(walked):
+        if walk_error is not None:
+            results[i] = FileResult(str(path), REJECTED, walk_error)
+        else:
+            jobs.append((i, (str(path), _label_for(path, cfg, csv_labels))))
+
+    if store.exists():
+        # One store holds one kind of image: refuse to mix, say, CLAHE-standardised and raw pixels.
+        prior, mine = store.image_settings(), image_settings_of(to_jsonable(cfg))
+        if prior is not None and prior != mine:
+            diff = ", ".join(f"{k}={prior[k]}" for k in prior if prior[k] != mine[k])
+            raise StoreError(
+                f"store {store.uri} holds images ingested with {diff}; ingest with the same settings "
+                "(--set key=value) or into a new store"
+            )
+    return IngestPlan(results, jobs, store.key(), frozenset(store.ids("source_id")))
+
+
 def ingest(
     sources: Sequence[Path],
     store: Store,
@@ -298,43 +373,50 @@ def ingest(
     Raises:
         StoreError: when the store itself cannot be read or written.
     """
-    from medvae.store import StoreError, empty_rows, image_settings_of, lineage, to_arrow
-
-    csv_labels = read_labels_csv(cfg.labels_csv) if cfg.labels_csv else None
-    walked = list(iter_files(sources))
-    results: list[FileResult | None] = [None] * len(walked)
-    jobs: list[tuple[int, tuple[str, str | None]]] = []
-    for i, (path, walk_error) in enumerate(walked):
-        if walk_error is not None:
-            results[i] = FileResult(str(path), REJECTED, walk_error)
-        else:
-            jobs.append((i, (str(path), _label_for(path, cfg, csv_labels))))
-
-    if store.exists():
-        # One store holds one kind of image: refuse to mix, say, CLAHE-standardised and raw pixels.
-        prior, mine = store.image_settings(), image_settings_of(to_jsonable(cfg))
-        if prior is not None and prior != mine:
-            diff = ", ".join(f"{k}={prior[k]}" for k in prior if prior[k] != mine[k])
-            raise StoreError(
-                f"store {store.uri} holds images ingested with {diff}; ingest with the same settings "
-                "(--set key=value) or into a new store"
-            )
-    key = store.key()
-    known = frozenset(store.ids("source_id"))
-    init_args = (key, known, cfg.model_dump_json())
-    done = len(walked) - len(jobs)
+    plan = plan_ingest(sources, store, cfg)
+    total = len(plan.results)
+    done = total - len(plan.jobs)
     if on_progress:
-        on_progress(done, len(walked))
-    for (i, _), res in zip(jobs, _run_jobs([j for _, j in jobs], cfg, init_args), strict=True):
-        results[i] = res
+        on_progress(done, total)
+    init_args = (plan.key, plan.known, cfg.model_dump_json())
+    for (i, _), res in zip(plan.jobs, _run_jobs([j for _, j in plan.jobs], cfg, init_args), strict=True):
+        plan.results[i] = res
         done += 1
         if on_progress:
-            on_progress(done, len(walked))
+            on_progress(done, total)
+    return commit_ingest([r for r in plan.results if r is not None], store, cfg, operation=operation)
 
-    final = [r for r in results if r is not None]
-    # Content repeated inside this batch: the first file (in walk order) wins, the rest are skipped.
+
+def commit_ingest(
+    results: list[FileResult],
+    store: Store,
+    cfg: IngestConfig,
+    *,
+    operation: str = "ingest",
+    extra_rows: Iterable[pa.Table] = (),
+) -> IngestReport:
+    """Commit decoded files as exactly one new version; the last step of every ingest.
+
+    Content repeated inside the batch is skipped here (the first file in walk order wins), so the
+    outcome does not depend on how the files were split among workers.
+
+    Args:
+        results: every walked file's result, in walk order; ingested ones carry their rows, unless the
+            rows come in ``extra_rows``.
+        store: the destination store.
+        cfg: the ingest config (recorded in the lineage).
+        operation: the operation name recorded in the lineage.
+        extra_rows: rows staged by batch workers (Arrow tables in the store schema), keyed by ``id``.
+
+    Returns:
+        The report, with the new version (None when nothing new was committed).
+    """
+    import pyarrow as pa
+
+    from medvae.store import SCHEMA, StoreError, empty_rows, lineage, to_arrow
+
     seen_ids: set[str] = set()
-    for r in final:
+    for r in results:
         if r.status != INGESTED:
             continue
         if any(i in seen_ids for i in r.ids):
@@ -344,12 +426,26 @@ def ingest(
         seen_ids.update(r.ids)
 
     buf = empty_rows()
-    for r in final:
+    for r in results:
         for row in r.rows:
             for k in buf:
                 buf[k].append(row.get(k))
-    report = IngestReport(final, None, store.uri)
-    reasons = Counter((r.reason or "").split(":")[0] for r in final if r.status == REJECTED)
+    rows = to_arrow(buf)
+    staged = [t.cast(SCHEMA) for t in extra_rows]
+    if staged:
+        # Keep the ids of files still ingested after de-duplication, in walk order, one row each.
+        order = {i: n for n, i in enumerate(i for r in results if r.status == INGESTED for i in r.ids)}
+        all_staged = pa.concat_tables(staged)
+        ids = all_staged.column("id").to_pylist()
+        first: dict[str, int] = {}
+        for n, i in enumerate(ids):
+            if i in order and i not in first:
+                first[i] = n
+        picked = sorted(first, key=order.__getitem__)
+        take = pa.array([first[i] for i in picked], type=pa.int64())
+        rows = pa.concat_tables([rows, all_staged.take(take)])
+    report = IngestReport(results, None, store.uri)
+    reasons = Counter((r.reason or "").split(":")[0] for r in results if r.status == REJECTED)
     meta = lineage(
         operation,
         to_jsonable(cfg),
@@ -358,12 +454,12 @@ def ingest(
         rejected_reasons=dict(reasons),
     )
     try:
-        report.version = store.insert_new(to_arrow(buf), meta)
+        report.version = store.insert_new(rows, meta)
     except Exception as exc:
         if isinstance(exc, StoreError):
             raise
         raise StoreError(f"cannot write to store {store.uri}: {exc}") from exc
-    for r in final:
+    for r in results:
         r.rows = []  # pixels are in the store now; keep the report light
     return report
 
@@ -377,15 +473,195 @@ def _run_jobs(
         # so that whatever runs next in this process (training) keeps all its threads.
         from threadpoolctl import threadpool_limits
 
-        _init_worker(*init_args, pool_worker=False)
+        ctx = DecodeContext(init_args[0], init_args[1], IngestConfig.model_validate_json(init_args[2]))
         with threadpool_limits(1):
-            yield from map(_process, jobs)
+            yield from (decode_one(j, ctx) for j in jobs)
         return
     # spawn, not fork: the parent may hold threads (Prefect, torch) that fork would copy mid-lock.
-    ctx = mp.get_context("spawn")
+    ctx_mp = mp.get_context("spawn")
     chunk = max(1, min(64, len(jobs) // (workers * 8)))
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=init_args) as pool:
-        yield from pool.map(_process, jobs, chunksize=chunk)
+    with ProcessPoolExecutor(
+        workers, mp_context=ctx_mp, initializer=_init_worker, initargs=init_args
+    ) as pool:
+        yield from pool.map(_process_in_worker, jobs, chunksize=chunk)
+
+
+# ------------------------------------------------------------------- batches on a task runner
+# The same plan -> decode -> commit as :func:`ingest`, split into steps that a Prefect task runner (a
+# thread or process pool, or a Dask cluster) can run on other processes or machines. The steps hand over
+# files in a staging folder beside the store (local or object storage), never pixels or the store key:
+# task parameters and results end up in Prefect's database, and the key must not.
+PLAN_FILE = "plan.json"
+
+
+class KnownIds:
+    """Source ids already in a store, as a sorted array of their 128-bit prefixes (16 bytes each).
+
+    A frozenset of 64-character strings costs ~150 bytes per id: 1.5 GB in every worker for an archive of
+    ten million scans. 16 bytes per id is 160 MB. The prefix is the same 128 bits that make a row's
+    ``id``, so this is exactly as discriminating as the store itself.
+    """
+
+    def __init__(self, source_ids: Iterable[str] = (), *, array: np.ndarray | None = None) -> None:
+        if array is None:
+            array = np.array([bytes.fromhex(i[:32]) for i in source_ids], dtype="S16")
+        self._a = np.unique(array)  # sorted, for binary search
+
+    def __len__(self) -> int:
+        return int(self._a.size)
+
+    def __contains__(self, source_id: object) -> bool:
+        if not isinstance(source_id, str) or not self._a.size:
+            return False
+        k = np.array(bytes.fromhex(source_id[:32]), dtype="S16")
+        j = int(np.searchsorted(self._a, k))
+        return j < self._a.size and bool(self._a[j] == k)
+
+    def to_bytes(self) -> bytes:
+        """The ``.npy`` serialisation (no pickle)."""
+        import io
+
+        buf = io.BytesIO()
+        np.save(buf, self._a, allow_pickle=False)
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> KnownIds:
+        """Read what :meth:`to_bytes` wrote."""
+        import io
+
+        return cls(array=np.load(io.BytesIO(data), allow_pickle=False))
+
+
+def prepare_batches(
+    sources: Sequence[Path], store: Store, cfg: IngestConfig, staging: str, batch_files: int
+) -> dict[str, Any]:
+    """Plan an ingest and write its batches to ``staging``; the first step of a batched ingest.
+
+    Args:
+        sources: files and folders to ingest.
+        store: the destination store (its key is created here if new).
+        cfg: the ingest config.
+        staging: the staging folder (see :func:`staging_uri`).
+        batch_files: files per batch.
+
+    Returns:
+        ``{"staging", "batches", "files"}``: where the plan is, how many batches and files it has.
+    """
+    plan = plan_ingest(sources, store, cfg)
+    # Workers elsewhere read the files by absolute path; the report keeps the paths as given.
+    entries = [[slot, path, os.path.abspath(path), label] for slot, (path, label) in plan.jobs]
+    batches = [entries[i : i + batch_files] for i in range(0, len(entries), batch_files)]
+    walk = [
+        {"slot": i, "path": r.path, "reason": r.reason} for i, r in enumerate(plan.results) if r is not None
+    ]
+    # A fresh name per plan: workers cache the known ids by name, and a staging folder may be reused.
+    known = f"known-{os.urandom(8).hex()}.npy"
+    write_bytes(f"{staging}/{known}", KnownIds(plan.known).to_bytes())
+    for n, batch in enumerate(batches):
+        write_bytes(f"{staging}/batch-{n:06d}.json", json.dumps({"known": known, "files": batch}).encode())
+    write_bytes(
+        f"{staging}/{PLAN_FILE}",
+        json.dumps({"files": len(plan.results), "batches": len(batches), "walk_rejected": walk}).encode(),
+    )
+    return {"staging": staging, "batches": len(batches), "files": len(plan.results)}
+
+
+def decode_batch(staging: str, index: int, store: Store, cfg: IngestConfig) -> dict[str, Any]:
+    """Decode batch ``index`` of a staged plan and stage its rows and per-file results.
+
+    Runs on any worker that can read the scans and the store. Re-running it (a retry) rewrites the same
+    files. Never raises for a bad scan: each one is rejected with its reason.
+
+    Returns:
+        ``{"batch", "files", "ingested", "rejected", "skipped"}`` for this batch.
+    """
+    from threadpoolctl import threadpool_limits
+
+    from medvae.store import empty_rows, to_arrow
+
+    batch = json.loads(read_bytes(f"{staging}/batch-{index:06d}.json"))
+    entries = batch["files"]
+    ctx = DecodeContext(store.key(create=False), _known_ids(f"{staging}/{batch['known']}"), cfg)
+    files: list[dict[str, Any]] = []
+    buf = empty_rows()
+    with threadpool_limits(1):  # one batch per worker core; see _init_worker
+        for slot, shown, absolute, label in entries:
+            res = decode_one((absolute, label), ctx)
+            files.append(
+                {"slot": slot, "path": shown, "status": res.status, "reason": res.reason, "ids": res.ids}
+            )
+            for row in res.rows:
+                for k in buf:
+                    buf[k].append(row.get(k))
+    import pyarrow.parquet as pq
+    from pyarrow import BufferOutputStream
+
+    out = BufferOutputStream()
+    pq.write_table(to_arrow(buf), out)
+    write_bytes(f"{staging}/rows-{index:06d}.parquet", out.getvalue().to_pybytes())
+    write_bytes(f"{staging}/files-{index:06d}.json", json.dumps(files).encode())
+    c = Counter(f["status"] for f in files)
+    return {
+        "batch": index,
+        "files": len(files),
+        INGESTED: c[INGESTED],
+        REJECTED: c[REJECTED],
+        SKIPPED: c[SKIPPED],
+    }
+
+
+_KNOWN_CACHE: dict[str, KnownIds] = {}
+
+
+def _known_ids(uri: str) -> KnownIds:
+    # Every batch of a run on the same worker shares one copy of the known ids.
+    if uri not in _KNOWN_CACHE:
+        _KNOWN_CACHE.clear()
+        _KNOWN_CACHE[uri] = KnownIds.from_bytes(read_bytes(uri))
+    return _KNOWN_CACHE[uri]
+
+
+def commit_batches(
+    staging: str, store: Store, cfg: IngestConfig, *, operation: str = "ingest", cleanup: bool = True
+) -> IngestReport:
+    """Commit every decoded batch of a staged plan as exactly one new version, then remove the staging.
+
+    The outcome is the same as :func:`ingest` over the same files: de-duplication within the run and
+    the file order of the report follow the walk, not the order in which batches finished.
+
+    Raises:
+        StoreError: when a batch is missing (its task never finished) or the store cannot be written.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from medvae.store import StoreError
+
+    plan = json.loads(read_bytes(f"{staging}/{PLAN_FILE}"))
+    results: list[FileResult | None] = [None] * int(plan["files"])
+    for w in plan["walk_rejected"]:
+        results[w["slot"]] = FileResult(w["path"], REJECTED, w["reason"])
+    staged: list[pa.Table] = []
+    for n in range(int(plan["batches"])):
+        try:
+            files = json.loads(read_bytes(f"{staging}/files-{n:06d}.json"))
+            staged.append(pq.read_table(pa.BufferReader(read_bytes(f"{staging}/rows-{n:06d}.parquet"))))
+        except (FileNotFoundError, OSError) as exc:
+            raise StoreError(
+                f"batch {n} of {staging} has no decoded output ({exc}); re-run the ingest"
+            ) from exc
+        for f in files:
+            results[f["slot"]] = FileResult(f["path"], f["status"], f["reason"], ids=list(f["ids"]))
+    missing = [i for i, r in enumerate(results) if r is None]
+    if missing:
+        raise StoreError(f"{len(missing)} files of {staging} have no result; re-run the ingest")
+    report = commit_ingest(
+        [r for r in results if r is not None], store, cfg, operation=operation, extra_rows=staged
+    )
+    if cleanup:
+        remove_tree(staging)
+    return report
 
 
 def report_dict(report: IngestReport) -> dict[str, Any]:
