@@ -1,4 +1,8 @@
-"""Export a store version as PNG files in ImageFolder layout with a manifest.csv."""
+"""Export a store version as PNG files in ImageFolder layout with a manifest.csv.
+
+The store may be local or on an object store (``s3://...``); the export is always written to a local
+folder.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +18,9 @@ from medvae.store import Store, images_from
 
 MANIFEST_COLUMNS = ("id", "label", "origin", "split", "anomaly_score", "anomaly_flag", "path")
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+# A URI scheme (two letters or more, so that a Windows drive such as C:/ is not one), as left by Path(),
+# which folds "s3://bucket/x" into "s3:/bucket/x".
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")
 
 
 def safe_name(text: str | None, fallback: str) -> str:
@@ -26,17 +33,28 @@ def safe_name(text: str | None, fallback: str) -> str:
     return name[:100] or fallback
 
 
-def export(store: Store, out: Path, version: int | None = None) -> Path:
+def export(store: Store, out: str | os.PathLike[str], version: int | None = None) -> Path:
     """Write every image of a version as ``out/<label>/<id>.png`` plus ``out/manifest.csv``.
 
     Args:
-        store: the store to read.
-        out: the export folder (created).
-        version: the version to export, latest when None.
+        store: the store to read (local or on an object store).
+        out: the local export folder (created).
+        version: the version to export, latest when None (time travel: any earlier version).
 
     Returns:
         The manifest path.
+
+    Raises:
+        ValueError: when ``out`` is a URI rather than a local folder.
+        StoreError: when the store or the version does not exist.
     """
+    if _URI.match(str(out)):
+        # Path("s3://b/x") is the local folder "s3:/b/x": writing there would look like success.
+        raise ValueError(
+            f"export writes PNG files to a local folder, not to {out}: export locally, then copy the "
+            "folder (e.g. `aws s3 sync`)"
+        )
+    out = Path(out)
     table = store.read(version)
     images = images_from(table)
     out.mkdir(parents=True, exist_ok=True)

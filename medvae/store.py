@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import subprocess
 from collections.abc import Callable, Iterable, Mapping
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import deltalake
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -68,6 +70,9 @@ SCORE_COLUMNS = (
 )
 KEY_DIR = "_medvae"
 KEY_FILE = "store.key"
+# On an object store the key is the one row of a small Delta table beside the dataset: a put there cannot
+# refuse to overwrite, but a Delta commit can (see Store._remote_key).
+KEY_TABLE = "key"
 # A merge reads the whole table, so delta-rs refuses to commit it over a concurrent append (another
 # ingest): the merge must be re-run on the new snapshot. Bounded, so a store under constant write
 # contention ends in a clear error instead of spinning.
@@ -85,6 +90,72 @@ def is_local(uri: str) -> bool:
 
 def _local_path(uri: str) -> Path:
     return Path(uri.removeprefix("file://"))
+
+
+def is_s3(uri: str) -> bool:
+    """True for ``s3://`` and ``s3a://`` URIs (AWS S3 or an S3-compatible endpoint)."""
+    return uri.lower().startswith(("s3://", "s3a://"))
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _brief(exc: BaseException, limit: int = 400) -> str:
+    """A delta-rs/object_store error on one line: they come as coloured, indented multi-line chains."""
+    text = " ".join(_ANSI.sub("", str(exc)).replace("↳", " ").split())
+    return text[:limit] + ("…" if len(text) > limit else "")
+
+
+def _s3_setting(storage_options: Mapping[str, str] | None, *names: str) -> tuple[str, str] | None:
+    """The first of ``names`` (case-insensitive) set in ``storage_options`` or else in the environment,
+    as ``(the name as it was written, value)``; explicit options win, as they do in delta-rs.
+
+    delta-rs reads the environment itself; medvae looks only to check, before it writes anything, the
+    settings that decide whether commits are safe.
+    """
+    wanted = {n.upper() for n in names}
+    for source in (storage_options or {}, os.environ):
+        for k, v in source.items():
+            if k.upper() in wanted and str(v).strip():
+                return k, str(v).strip()
+    return None
+
+
+def check_safe_commits(uri: str, storage_options: Mapping[str, str] | None = None) -> None:
+    """Refuse settings under which commits to an S3 store would not be safe against concurrent writers.
+
+    deltalake 1.x commits every version to S3 as a conditional PUT (``If-None-Match: *``) of the next
+    ``_delta_log`` entry, so two writers can never both create the same version. That needs no
+    configuration, but two settings break the guarantee or the belief in it:
+
+    * ``conditional_put=disabled`` turns conditional PUTs off; delta-rs then fails every commit with an
+      obscure "not yet implemented" error.
+    * ``AWS_S3_LOCKING_PROVIDER`` (the DynamoDB lock of deltalake < 1.0) is silently ignored by deltalake
+      1.x. Someone who set it relies on a lock that no longer exists, perhaps against an endpoint that
+      ignores ``If-None-Match``; writing anyway would risk a corrupt log.
+
+    Raises:
+        StoreError: naming the setting and what to do instead.
+    """
+    if not is_s3(uri):
+        return
+    found = _s3_setting(storage_options, "AWS_CONDITIONAL_PUT", "CONDITIONAL_PUT")
+    if found is not None and found[1].lower() == "disabled":
+        raise StoreError(
+            f"store {uri}: {found[0]}=disabled turns off the conditional PUT that keeps concurrent commits "
+            f"from overwriting each other; deltalake cannot commit to S3 without it. Remove {found[0]} "
+            "(see docs/object_storage.md)."
+        )
+    found = _s3_setting(storage_options, "AWS_S3_LOCKING_PROVIDER")
+    if found is not None:
+        raise StoreError(
+            f"store {uri}: {found[0]}={found[1]} is set, but deltalake {deltalake.__version__} "
+            "no longer supports a locking provider and ignores it. Commits are protected by S3 conditional "
+            "writes (PUT with If-None-Match: *) instead, which AWS S3 supports (as do MinIO and Cloudflare "
+            "R2, per the delta-rs docs). Check that your endpoint does, then unset AWS_S3_LOCKING_PROVIDER "
+            "and DELTA_DYNAMO_TABLE_NAME (see docs/object_storage.md). medvae will not write while it is "
+            "set: a store that relied on the lock would be written without one."
+        )
 
 
 def git_commit() -> str | None:
@@ -147,7 +218,11 @@ class VersionInfo:
 
 
 class Store:
-    """A medvae dataset: a Delta table at a local path or any URI that deltalake accepts.
+    """A medvae dataset: a Delta table at a local path or an object-store URI that deltalake accepts.
+
+    On S3 (``s3://bucket/prefix``) the credentials, region and endpoint come from the standard ``AWS_*``
+    environment variables, which delta-rs reads itself, and/or from ``storage_options`` (which win).
+    See docs/object_storage.md.
 
     Args:
         uri: local path or object-store URI (``s3://bucket/prefix`` ...).
@@ -157,16 +232,23 @@ class Store:
     def __init__(self, uri: str | os.PathLike[str], storage_options: dict[str, str] | None = None) -> None:
         self.uri = str(uri)
         self.storage_options = storage_options
+        self._key: bytes | None = None  # an object store's key, once read: it never changes
 
     # ---------------------------------------------------------------- key
     def key(self, create: bool = True) -> bytes:
         """The store's secret HMAC key, created on first use.
 
-        The key lives beside the table (``_medvae/store.key``, mode 0600) and belongs to the store: whoever
-        may read the store may recognise re-ingested content, but a hash cannot be reversed without it.
+        The key lives beside the table and belongs to the store: whoever may read the store may recognise
+        re-ingested content, but a hash cannot be reversed without it. On a local disk it is
+        ``_medvae/store.key`` (mode 0600); on an object store see :meth:`_remote_key`.
+
+        Raises:
+            StoreError: when ``create`` is False and the store has no key, or the key cannot be created.
         """
         if not is_local(self.uri):
-            return self._remote_key(create)
+            if self._key is None:
+                self._key = self._remote_key(create)
+            return self._key
         path = _local_path(self.uri) / KEY_DIR / KEY_FILE
         if path.exists():
             return bytes.fromhex(path.read_text().strip())
@@ -188,23 +270,101 @@ class Store:
         return bytes.fromhex(path.read_text().strip())
 
     def _remote_key(self, create: bool) -> bytes:
+        """The key of a store on an object store, created race-free on first use.
+
+        An object-store PUT cannot be made to fail when the object exists through any client medvae has
+        (pyarrow's and delta-rs's file systems both overwrite), so two first ingests racing to write
+        ``_medvae/store.key`` would each keep the key they wrote, silently hashing the same scans to
+        different ids. Instead the key is the single row of a tiny Delta table, ``_medvae/key``, created
+        with ``mode="error"`` and no commit retries: its version 0 is a conditional create, exactly like a
+        dataset commit, so one writer wins and every other writer reads the winner's key. It goes through
+        delta-rs, so it uses the same endpoint, credentials and settings as the dataset itself.
+
+        A ``_medvae/store.key`` file, when present (a store copied from a local disk, or written by an
+        earlier medvae), is the key whose hashes are already in the table, so it takes precedence.
+        """
+        legacy = self._read_remote_file(f"{KEY_DIR}/{KEY_FILE}")
+        if legacy is not None:
+            return bytes.fromhex(legacy.decode().strip())
+        found = self._read_key_table()
+        if found is not None:
+            return found
+        if not create:
+            raise StoreError(f"store {self.uri} has no key; was it created by medvae?")
+        check_safe_commits(self.uri, self.storage_options)
+        try:
+            write_deltalake(
+                self._key_table_uri(),
+                pa.table({"key": [secrets.token_bytes(32).hex()]}),
+                mode="error",
+                storage_options=self.storage_options,
+                # No retries: a retried create would append a second key beside the winner's.
+                commit_properties=CommitProperties(max_commit_retries=0),
+            )
+        except Exception as exc:  # another writer created the key first: use theirs
+            found = self._read_key_table()
+            if found is None:
+                raise StoreError(f"cannot create the key of store {self.uri}: {_brief(exc)}") from exc
+            return found
+        # Read back rather than trust the candidate: what is committed is what every writer will use.
+        found = self._read_key_table()
+        if found is None:
+            raise StoreError(f"the key of store {self.uri} was written but cannot be read back")
+        return found
+
+    def _key_table_uri(self) -> str:
+        return f"{self.uri.rstrip('/')}/{KEY_DIR}/{KEY_TABLE}"
+
+    def _read_key_table(self) -> bytes | None:
+        try:
+            dt = DeltaTable(self._key_table_uri(), storage_options=self.storage_options)
+        except TableNotFoundError:
+            return None
+        except OSError as exc:
+            raise self._unreachable(exc) from exc
+        keys = set(dt.to_pyarrow_table(columns=["key"]).column("key").to_pylist())
+        if len(keys) != 1:
+            raise StoreError(f"store {self.uri}: {self._key_table_uri()} holds {len(keys)} keys, not one")
+        return bytes.fromhex(str(keys.pop()).strip())
+
+    def _read_remote_file(self, rel: str) -> bytes | None:
+        """A file under the store's URI read through delta-rs's object store (same endpoint, credentials
+        and options as the table), or None when it does not exist."""
+        from deltalake.fs import DeltaStorageHandler
         from pyarrow import fs as pafs
 
-        filesystem, base = pafs.FileSystem.from_uri(self.uri)
-        path = f"{base.rstrip('/')}/{KEY_DIR}/{KEY_FILE}"
-        info = filesystem.get_file_info(path)
-        if info.type == pafs.FileType.NotFound:
-            if not create:
-                raise StoreError(f"store {self.uri} has no key; was it created by medvae?")
-            with filesystem.open_output_stream(path) as out:
-                out.write(secrets.token_bytes(32).hex().encode())
-        with filesystem.open_input_stream(path) as inp:
-            return bytes.fromhex(inp.read().decode().strip())
+        try:
+            filesystem = pafs.PyFileSystem(DeltaStorageHandler(self.uri, options=self.storage_options))
+            if filesystem.get_file_info(rel).type != pafs.FileType.File:
+                return None
+            with filesystem.open_input_stream(rel) as inp:
+                return bytes(inp.read())
+        except OSError as exc:
+            raise self._unreachable(exc) from exc
+
+    def _unreachable(self, exc: BaseException) -> StoreError:
+        hint = (
+            " Check the bucket name, the credentials (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
+            "AWS_SESSION_TOKEN), the region (AWS_REGION) and, for MinIO or another S3-compatible server, "
+            "AWS_ENDPOINT_URL (plus AWS_ALLOW_HTTP=true for a plain http:// endpoint)."
+            if is_s3(self.uri)
+            else ""
+        )
+        return StoreError(f"cannot reach store {self.uri}: {_brief(exc)}.{hint}")
 
     # ---------------------------------------------------------------- read
     def exists(self) -> bool:
-        """Whether a Delta table exists at the URI."""
-        return bool(DeltaTable.is_deltatable(self.uri, storage_options=self.storage_options))
+        """Whether a Delta table exists at the URI.
+
+        Raises:
+            StoreError: when an object store cannot be reached (no such bucket, bad credentials...).
+        """
+        try:
+            return bool(DeltaTable.is_deltatable(self.uri, storage_options=self.storage_options))
+        except OSError as exc:
+            if is_local(self.uri):
+                raise
+            raise self._unreachable(exc) from exc
 
     def table(self, version: int | None = None) -> DeltaTable:
         """The Delta table, at ``version`` or the latest.
@@ -218,6 +378,10 @@ class Store:
             raise StoreError(
                 f"no medvae store at {self.uri}: run `medvae ingest SOURCE --store {self.uri}` first"
             ) from exc
+        except OSError as exc:
+            if is_local(self.uri):
+                raise
+            raise self._unreachable(exc) from exc
         if version is not None:
             latest = dt.version()
             if not 0 <= version <= latest:
@@ -264,10 +428,12 @@ class Store:
         col = self.table().to_pyarrow_table(columns=[column]).column(column)
         return {v for v in col.to_pylist() if v is not None}
 
-    def _commits(self) -> list[tuple[dict[str, Any], dict[str, Any]]]:
-        """Every commit, oldest first, as (delta-rs commit info, medvae lineage); one read of the log."""
+    def _commits(self, dt: DeltaTable | None = None) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+        """Every commit up to ``dt``'s version (the latest when None), oldest first, as (delta-rs commit
+        info, medvae lineage); one read of the log."""
         out = []
-        for entry in sorted(self.table().history(), key=lambda e: int(e.get("version", 0))):
+        dt = dt if dt is not None else self.table()
+        for entry in sorted(dt.history(), key=lambda e: int(e.get("version", 0))):
             raw = entry.get("medvae")
             out.append((entry, json.loads(raw) if isinstance(raw, str) else {}))
         return out
@@ -275,10 +441,12 @@ class Store:
     def history(self) -> list[VersionInfo]:
         """Every version, oldest first, with its row count, operation and lineage."""
         out: list[VersionInfo] = []
-        for entry, meta in self._commits():
+        at = self.table()
+        for entry, meta in self._commits(at):
             v = int(entry.get("version", 0))
-            # Row counts need each version's snapshot: this opens one table per version.
-            at = DeltaTable(self.uri, version=v, storage_options=self.storage_options)
+            # Row counts need each version's snapshot. One table object walks forward through the
+            # versions rather than opening one per version: on an object store every open lists the log.
+            at.load_as_version(v)
             rows = sum(int(n) for n in at.get_add_actions(flatten=True).column("num_records").to_pylist())
             out.append(
                 VersionInfo(
@@ -340,6 +508,7 @@ class Store:
         """
         if rows.num_rows == 0:
             return None
+        check_safe_commits(self.uri, self.storage_options)
         rows = rows.cast(SCHEMA)
         if not self.exists():
             self.key()  # the key must exist before the first version that depends on it
@@ -396,6 +565,7 @@ class Store:
 
         The pipeline uses it to write synthetic rows and the real rows' anomaly scores together.
         """
+        check_safe_commits(self.uri, self.storage_options)
         rows = rows.cast(SCHEMA)
         updates = {c: f"s.{c}" for c in update_columns}
 

@@ -6,7 +6,19 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from medvae.store import SCHEMA, Store, StoreError, empty_rows, images_from, lineage, to_arrow
+from medvae.store import (
+    SCHEMA,
+    Store,
+    StoreError,
+    _brief,
+    check_safe_commits,
+    empty_rows,
+    images_from,
+    is_local,
+    is_s3,
+    lineage,
+    to_arrow,
+)
 
 
 def _rows(ids: list[str], label: str = "normal") -> pa.Table:
@@ -79,3 +91,37 @@ def test_key_is_private_and_stable(tmp_path: Path) -> None:
     assert len(k) == 32 and s.key() == k and Store(tmp_path / "store").key() == k
     mode = (tmp_path / "store" / "_medvae" / "store.key").stat().st_mode & 0o777
     assert mode == 0o600
+
+
+def test_uri_kinds() -> None:
+    assert is_local("/data/store") and is_local("file:///data/store") and not is_local("s3://b/p")
+    assert is_s3("s3://b/p") and is_s3("S3A://b/p") and not is_s3("/data/s3") and not is_s3("gs://b/p")
+
+
+def test_unsafe_s3_commit_settings_are_refused_before_any_request(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The checks run before any I/O; the endpoint is a closed loopback port so that a missing check
+    fails fast instead of reaching for AWS."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")
+    monkeypatch.setenv("AWS_ALLOW_HTTP", "true")
+    monkeypatch.setenv("AWS_S3_LOCKING_PROVIDER", "dynamodb")
+    remote = Store("s3://medvae-nowhere/store")
+    with pytest.raises(StoreError, match=r"AWS_S3_LOCKING_PROVIDER=dynamodb.*no longer supports"):
+        remote.insert_new(_rows(["a"]), lineage("ingest", {}))
+    with pytest.raises(StoreError, match="unset AWS_S3_LOCKING_PROVIDER"):
+        remote.upsert(_rows(["a"]), lineage("pipeline", {}), ["anomaly_score"])
+    # Only S3 commits depend on it: a local store writes as ever.
+    assert Store(tmp_path / "store").insert_new(_rows(["a"]), lineage("ingest", {})) == 0
+    monkeypatch.delenv("AWS_S3_LOCKING_PROVIDER")
+    off = Store("s3://medvae-nowhere/store", storage_options={"aws_conditional_put": "Disabled"})
+    with pytest.raises(StoreError, match="aws_conditional_put=disabled"):
+        off.insert_new(_rows(["a"]), lineage("ingest", {}))
+    check_safe_commits("s3://medvae-nowhere/store", {"aws_conditional_put": "etag"})  # the default: fine
+
+
+def test_object_store_errors_are_one_plain_line() -> None:
+    raw = OSError(
+        "Generic S3 error\n  \x1b[31m↳\x1b[0m Error performing list request\n   \x1b[31m↳\x1b[0m 404"
+    )
+    assert _brief(raw) == "Generic S3 error Error performing list request 404"
