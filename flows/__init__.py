@@ -12,3 +12,14 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # Pillow's DEBUG records print decoded EXIF/TIFF tag values (Artist, ImageDescription ...): PHI in the flow
 # logs, which Prefect ships to its server, whenever someone runs with DEBUG logging. Never below INFO.
 logging.getLogger("PIL").setLevel(logging.INFO)
+
+
+class _DropThreadTimeoutWarning(logging.Filter):
+    # Prefect warns once per task run that a timeout cannot interrupt a sync task in a worker thread. Every
+    # batch task of a Dask or thread-pool run says it (thousands of lines for an archive). The timeout
+    # still ends the task when its blocking call returns; docs/distributed.md says where hard limits live.
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "cannot interrupt blocking operations" not in record.getMessage()
+
+
+logging.getLogger("prefect.task_runs").addFilter(_DropThreadTimeoutWarning())

@@ -11,7 +11,7 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 import flows  # noqa: F401  (medvae's Prefect defaults, also when this file runs as a script)
-from flows.ingest import ingest_task
+from flows.ingest import run_ingest
 from flows.train import train_task
 from medvae.config import AugmentConfig, PipelineConfig, load_config, to_jsonable
 from medvae.jobs import commit_pipeline, generate_synthetic, pictures_job, score_store_rows, stage
@@ -37,23 +37,25 @@ def score_task(model_dir: str, store: str, version: int | None, staging: str) ->
     }
 
 
-@task(name="commit", retries=2, retry_delay_seconds=5)
+@task(name="commit", retries=2, retry_delay_seconds=5, timeout_seconds=3600)
 def commit_task(store: str, parts: list[str], meta: dict[str, Any]) -> int:
     """Commit the staged synthetic rows and scores as exactly one new version."""
     return commit_pipeline(store, [Path(p) for p in parts], meta)
 
 
-@task(name="pictures")
+@task(name="pictures", retries=1, retry_delay_seconds=5, timeout_seconds=900)
 def pictures_task(model_dir: str, store: str) -> list[str]:
     """Reconstruction, sample and interpolation grids for the run's model."""
     return pictures_job(Path(model_dir), store, Path(model_dir) / "pictures")
 
 
-@flow(name="medvae-pipeline", log_prints=True)
+@flow(name="medvae-pipeline", log_prints=True, timeout_seconds=12 * 3600)
 def pipeline_flow(config: dict[str, Any] | None = None) -> dict[str, Any]:
     """The scheduled job: ingest new scans, retrain, synthesise, screen, and write one new version."""
     cfg = PipelineConfig.model_validate(config or {})
-    ing = ingest_task([str(s) for s in cfg.sources], cfg.store, to_jsonable(cfg.ingest))
+    ing = run_ingest(
+        [str(s) for s in cfg.sources], cfg.store, to_jsonable(cfg.ingest), None, to_jsonable(cfg.runner)
+    )
     print(f"ingest: ingested {ing['ingested']}, rejected {ing['rejected']}, skipped {ing['skipped']}")
     trained = train_task(
         cfg.store, str(cfg.model_dir), to_jsonable(cfg.train), None, cfg.train_where or None, resume=False

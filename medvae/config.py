@@ -152,6 +152,32 @@ class ScreenConfig(_Frozen):
     score: Literal["mahalanobis", "recon", "kl", "elbo"] = "mahalanobis"
 
 
+class RunnerConfig(_Frozen):
+    """Where the ingest and screen flows decode files: embedded, or file batches on a Prefect task runner.
+
+    ``local`` is the single-machine default: one task that decodes on every core with medvae's own
+    process pool (the fastest on one machine). The other kinds split the files into batches of
+    ``batch_files``, run one task per batch on the named Prefect task runner, and commit once at the end.
+    """
+
+    kind: Literal["local", "thread", "process", "dask"] = Field(
+        "local",
+        description="local: embedded process pool; thread | process: Prefect's pools; dask: "
+        "prefect_dask.DaskTaskRunner (an existing cluster at `address`, or a temporary local one).",
+    )
+    address: str | None = Field(
+        None, description="Dask scheduler address, e.g. tcp://10.0.0.5:8786; None starts a local cluster."
+    )
+    workers: int = Field(0, ge=0, description="Pool or local-cluster size; 0 means one per core.")
+    batch_files: int = Field(256, ge=1, description="Files per batch task.")
+
+    @model_validator(mode="after")
+    def _address_needs_dask(self) -> RunnerConfig:
+        if self.address and self.kind != "dask":
+            raise ValueError(f"runner.address is only used with kind=dask, not kind={self.kind}")
+        return self
+
+
 class PipelineConfig(_Frozen):
     """The scheduled ingest → train → augment → screen pipeline."""
 
@@ -164,6 +190,7 @@ class PipelineConfig(_Frozen):
     train: TrainConfig = TrainConfig()
     augment: AugmentConfig = AugmentConfig()
     screen: ScreenConfig = ScreenConfig()
+    runner: RunnerConfig = RunnerConfig()
 
 
 C = TypeVar("C", bound=BaseModel)

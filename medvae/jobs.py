@@ -323,6 +323,117 @@ def stage(table: pa.Table, path: Path) -> str:
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
+_SCREEN_SCORES = ("score", "percentile", "flag", "mahalanobis", "recon", "kl", "elbo")
+
+
+def screen_settings(model_dir: Path) -> IngestConfig:
+    """The ingest settings that prepared the model's training images: new scans are prepared the same."""
+    from medvae.artifacts import read_json
+
+    settings = (read_json(model_dir, "meta.json").get("dataset") or {}).get("image_settings") or {}
+    return IngestConfig(**{k: v for k, v in settings.items() if v is not None})
+
+
+def screen_files(
+    model_dir: Path, files: Sequence[tuple[str, str | None]], icfg: IngestConfig
+) -> tuple[list[dict[str, Any]], np.ndarray]:
+    """Decode and score files; the per-file core of every screening run.
+
+    Args:
+        model_dir: the model directory.
+        files: ``(path, walk_error)`` pairs; a file with a walk error is rejected with it.
+        icfg: how to prepare the scans (see :func:`screen_settings`).
+
+    Returns:
+        One record per file, in order (``file``, ``status`` scored/rejected, ``reason``, and the scores of
+        the scored ones), and the prepared uint8 images of the scored files, stacked.
+    """
+    from medvae.ingest import stored_image
+    from medvae.readers import RejectedInput, decode_file
+
+    records: list[dict[str, Any]] = []
+    imgs: list[np.ndarray] = []
+    for path, err in files:
+        if err:
+            records.append({"file": path, "status": "rejected", "reason": err})
+            continue
+        try:
+            dec = decode_file(Path(path), icfg)
+            imgs.append(stored_image(dec[0].pixels, icfg))
+            records.append({"file": path, "status": "scored", "reason": ""})
+        except RejectedInput as exc:
+            records.append({"file": path, "status": "rejected", "reason": exc.reason})
+        except Exception as exc:  # one bad scan must not stop a screening batch
+            reason = f"unexpected error {type(exc).__name__}: {exc}"
+            records.append({"file": path, "status": "rejected", "reason": reason})
+    batch = np.stack(imgs) if imgs else np.zeros((0, icfg.size, icfg.size), np.uint8)
+    if imgs:
+        res = score_images(model_dir, batch)
+        scored = (r for r in records if r["status"] == "scored")
+        for i, rec in enumerate(scored):
+            rec.update({k: bool(res[k][i]) if k == "flag" else float(res[k][i]) for k in _SCREEN_SCORES})
+    return records, batch
+
+
+def _heatmaps(model_dir: Path, batch: np.ndarray) -> np.ndarray:
+    from medvae.artifacts import load_model
+    from medvae.scoring import heatmaps
+
+    loaded = load_model(model_dir)
+    lab = np.zeros(len(batch), dtype=np.int64) if loaded.cfg.model.conditional else None
+    return heatmaps(loaded.model, batch, labels=lab)
+
+
+def write_screen_outputs(
+    records: list[dict[str, Any]],
+    out_csv: Path | None,
+    heatmaps_dir: Path | None,
+    images: np.ndarray | None = None,
+    maps: np.ndarray | None = None,
+) -> dict[str, Any]:
+    """Write the screening CSV (scored files first, then rejected ones) and the heat-map PNGs.
+
+    Returns:
+        The summary that :func:`screen_job` returns.
+    """
+    from medvae.scoring import save_heatmap_pngs
+
+    scored = [r for r in records if r["status"] == "scored"]
+    rejected = [r for r in records if r["status"] != "scored"]
+    if out_csv is not None:
+        out_csv.parent.mkdir(parents=True, exist_ok=True)
+        with out_csv.open("w", newline="", encoding="utf-8") as fh:
+            w = csv.writer(fh)
+            w.writerow(["file", "status", *_SCREEN_SCORES, "reason"])
+            for r in scored:
+                w.writerow(
+                    [
+                        r["file"],
+                        "scored",
+                        f"{r['score']:.6g}",
+                        f"{r['percentile']:.2f}",
+                        int(r["flag"]),
+                        *(f"{r[k]:.6g}" for k in ("mahalanobis", "recon", "kl", "elbo")),
+                        "",
+                    ]
+                )
+            for r in rejected:
+                w.writerow([r["file"], "rejected", "", "", "", "", "", "", "", r["reason"]])
+    if heatmaps_dir is not None and images is not None and maps is not None and len(images):
+        # File names may carry PHI: heat maps are named by their row among the scored scans only.
+        save_heatmap_pngs(images, maps, heatmaps_dir, [f"scan_{i:05d}" for i in range(len(images))])
+    return {
+        "scored": len(scored),
+        "rejected": len(rejected),
+        "flagged": sum(bool(r["flag"]) for r in scored),
+        "results": [
+            {"file": r["file"], "score": r["score"], "percentile": r["percentile"], "flag": r["flag"]}
+            for r in scored
+        ],
+        "rejected_files": [{"file": r["file"], "reason": r["reason"]} for r in rejected],
+    }
+
+
 def screen_job(
     model_dir: Path,
     sources: Sequence[Path],
@@ -336,94 +447,97 @@ def screen_job(
 
     Files that cannot be read are listed with their reason; they never stop the batch.
     """
-    from medvae.ingest import iter_files, stored_image
-    from medvae.readers import RejectedInput, decode_file
-    from medvae.scoring import heatmaps, save_heatmap_pngs
+    from medvae.ingest import iter_files
 
-    if ingest_cfg is None:
-        from medvae.artifacts import read_json
-
-        # Prepare new scans exactly as the model's training images were (size, aspect, intensity).
-        settings = (read_json(model_dir, "meta.json").get("dataset") or {}).get("image_settings") or {}
-        ingest_cfg = IngestConfig(**{k: v for k, v in settings.items() if v is not None})
-    icfg = ingest_cfg
+    icfg = ingest_cfg if ingest_cfg is not None else screen_settings(model_dir)
     _ = screen_cfg or ScreenConfig()
-    names: list[str] = []
-    imgs: list[np.ndarray] = []
-    rejected: list[tuple[str, str]] = []
-    for path, err in iter_files(list(sources)):
-        if err:
-            rejected.append((str(path), err))
-            continue
-        try:
-            dec = decode_file(path, icfg)
-            imgs.append(stored_image(dec[0].pixels, icfg))
-            names.append(str(path))
-        except RejectedInput as exc:
-            rejected.append((str(path), exc.reason))
-        except Exception as exc:  # one bad scan must not stop a screening batch
-            rejected.append((str(path), f"unexpected error {type(exc).__name__}: {exc}"))
-    res: dict[str, np.ndarray] = {}
-    if imgs:
-        batch = np.stack(imgs)
-        res = score_images(model_dir, batch)
-    if out_csv is not None:
-        out_csv.parent.mkdir(parents=True, exist_ok=True)
-        with out_csv.open("w", newline="", encoding="utf-8") as fh:
-            w = csv.writer(fh)
-            w.writerow(
-                [
-                    "file",
-                    "status",
-                    "score",
-                    "percentile",
-                    "flag",
-                    "mahalanobis",
-                    "recon",
-                    "kl",
-                    "elbo",
-                    "reason",
-                ]
-            )
-            for i, n in enumerate(names):
-                w.writerow(
-                    [
-                        n,
-                        "scored",
-                        f"{res['score'][i]:.6g}",
-                        f"{res['percentile'][i]:.2f}",
-                        int(res["flag"][i]),
-                        f"{res['mahalanobis'][i]:.6g}",
-                        f"{res['recon'][i]:.6g}",
-                        f"{res['kl'][i]:.6g}",
-                        f"{res['elbo'][i]:.6g}",
-                        "",
-                    ]
-                )
-            for n, reason in rejected:
-                w.writerow([n, "rejected", "", "", "", "", "", "", "", reason])
-    if heatmaps_dir is not None and imgs:
-        from medvae.artifacts import load_model
+    files = [(str(p), err) for p, err in iter_files(list(sources))]
+    records, batch = screen_files(model_dir, files, icfg)
+    maps = _heatmaps(model_dir, batch) if heatmaps_dir is not None and len(batch) else None
+    return write_screen_outputs(records, out_csv, heatmaps_dir, batch, maps)
 
-        loaded = load_model(model_dir)
-        batch = np.stack(imgs)
-        lab = np.zeros(len(batch), dtype=np.int64) if loaded.cfg.model.conditional else None
-        maps = heatmaps(loaded.model, batch, labels=lab)
-        # File names may carry PHI: heat maps are named by position and a keyed-free short index only.
-        save_heatmap_pngs(batch, maps, heatmaps_dir, [f"scan_{i:05d}" for i in range(len(batch))])
-    flagged = int(res["flag"].sum()) if res else 0
-    return {
-        "scored": len(names),
-        "rejected": len(rejected),
-        "flagged": flagged,
-        "results": [
-            {
-                "file": n,
-                "score": float(res["score"][i]),
-                "percentile": float(res["percentile"][i]),
-                "flag": bool(res["flag"][i]),
-            }
-            for i, n in enumerate(names)
-        ],
-        "rejected_files": [{"file": n, "reason": r} for n, r in rejected],
-    }
+
+# ------------------------------------------------------------------- batches on a task runner
+def prepare_screen_batches(sources: Sequence[Path], staging: str, batch_files: int) -> dict[str, Any]:
+    """Walk ``sources`` and write file batches to ``staging`` for :func:`screen_batch` tasks.
+
+    Returns:
+        ``{"staging", "batches", "files"}``.
+    """
+    import json
+
+    from medvae.ingest import iter_files
+    from medvae.staging import write_bytes as _write_bytes
+
+    entries = [
+        [slot, str(p), os.path.abspath(p), err] for slot, (p, err) in enumerate(iter_files(list(sources)))
+    ]
+    batches = [entries[i : i + batch_files] for i in range(0, len(entries), batch_files)]
+    for n, b in enumerate(batches):
+        _write_bytes(f"{staging}/batch-{n:06d}.json", json.dumps(b).encode())
+    plan = {"files": len(entries), "batches": len(batches)}
+    _write_bytes(f"{staging}/plan.json", json.dumps(plan).encode())
+    return {"staging": staging, "batches": len(batches), "files": len(entries)}
+
+
+def screen_batch(model_dir: Path, staging: str, index: int, heatmaps: bool) -> dict[str, Any]:
+    """Score batch ``index`` of a staged screening plan; stage its records (and raw heat maps).
+
+    Returns:
+        ``{"batch", "scored", "rejected"}``.
+    """
+    import io
+    import json
+
+    from medvae.staging import read_bytes as _read_bytes
+    from medvae.staging import write_bytes as _write_bytes
+
+    entries = json.loads(_read_bytes(f"{staging}/batch-{index:06d}.json"))
+    records, batch = screen_files(model_dir, [(e[2], e[3]) for e in entries], screen_settings(model_dir))
+    for e, rec in zip(entries, records, strict=True):
+        rec["slot"], rec["file"] = e[0], e[1]
+    _write_bytes(f"{staging}/records-{index:06d}.json", json.dumps(records).encode())
+    if heatmaps:
+        # Raw maps, not PNGs: the PNGs share one colour scale over the whole run, known only at merge.
+        buf = io.BytesIO()
+        np.savez(buf, images=batch, maps=_heatmaps(model_dir, batch) if len(batch) else batch)
+        _write_bytes(f"{staging}/maps-{index:06d}.npz", buf.getvalue())
+    n_scored = sum(r["status"] == "scored" for r in records)
+    return {"batch": index, "scored": n_scored, "rejected": len(records) - n_scored}
+
+
+def merge_screen(
+    staging: str, out_csv: Path | None, heatmaps_dir: Path | None, *, cleanup: bool = True
+) -> dict[str, Any]:
+    """Merge every staged batch into the same CSV and heat maps that :func:`screen_job` writes.
+
+    Raises:
+        RuntimeError: when a batch has no output (its task never finished).
+    """
+    import io
+    import json
+
+    from medvae.staging import read_bytes as _read_bytes
+    from medvae.staging import remove_tree
+
+    plan = json.loads(_read_bytes(f"{staging}/plan.json"))
+    records: list[dict[str, Any]] = []
+    images: list[np.ndarray] = []
+    maps: list[np.ndarray] = []
+    for n in range(int(plan["batches"])):
+        try:
+            records += json.loads(_read_bytes(f"{staging}/records-{n:06d}.json"))
+            if heatmaps_dir is not None:
+                with np.load(io.BytesIO(_read_bytes(f"{staging}/maps-{n:06d}.npz"))) as z:
+                    images.append(z["images"])
+                    maps.append(z["maps"].astype(np.float32))
+        except (FileNotFoundError, OSError) as exc:
+            raise RuntimeError(f"batch {n} of {staging} has no output ({exc}); re-run the screening") from exc
+    records.sort(key=lambda r: r["slot"])
+    if len(records) != int(plan["files"]):
+        raise RuntimeError(f"{staging}: {len(records)} of {plan['files']} files have a result")
+    imgs = np.concatenate(images) if images else None
+    res = write_screen_outputs(records, out_csv, heatmaps_dir, imgs, np.concatenate(maps) if maps else None)
+    if cleanup:
+        remove_tree(staging)
+    return res

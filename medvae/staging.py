@@ -23,9 +23,11 @@ def write_bytes(uri: str, data: bytes) -> None:
     """Write a whole file; a reader never sees half of it."""
     fs, path = filesystem(uri)
     parent = path.rsplit("/", 1)[0]
-    fs.create_dir(parent, recursive=True)
+    local = "://" not in uri
+    if local:  # object stores have no folders; creating one leaves an empty marker object behind
+        fs.create_dir(parent, recursive=True)
     # A local file is written beside its final name and renamed; an object-store PUT is atomic by itself.
-    tmp = path if "://" in uri else f"{parent}/.tmp-{os.getpid()}-{os.urandom(4).hex()}"
+    tmp = f"{parent}/.tmp-{os.getpid()}-{os.urandom(4).hex()}" if local else path
     with fs.open_output_stream(tmp) as out:
         out.write(data)
     if tmp != path:
