@@ -253,10 +253,21 @@ def train(
     ] = False,
     config: ConfigOpt = None,
     set_: SetOpt = None,
+    nproc: Annotated[
+        int,
+        typer.Option(
+            "--nproc",
+            min=1,
+            help="Training processes on this machine (one per GPU on CUDA): more than 1 runs "
+            "`torchrun -m medvae.train` with DistributedDataParallel; batch_size stays the global batch. "
+            "See docs/distributed_training.md (multi-node: call torchrun directly).",
+        ),
+    ] = 1,
 ) -> None:
     """Train the VAE on a store version, calibrate its anomaly threshold, and write a model directory."""
 
     def body() -> None:
+        from medvae import distributed
         from medvae.config import TrainConfig
         from medvae.jobs import train_job
 
@@ -268,6 +279,24 @@ def train(
         if epochs:
             overrides.append(f"epochs={epochs}")
         cfg = load_config(TrainConfig, config, overrides)
+        if nproc > 1:
+            # Fail here, in one line, rather than in every rank after torchrun has started them.
+            distributed.per_rank_batch(cfg.batch_size, nproc)
+            args = ["--store", store, "--out", str(out_dir)]
+            args += ["--version", str(version)] if version is not None else []
+            args += [a for w in where or [] for a in ("--where", w)]
+            args += ["--conditional"] * conditional + ["--resume"] * resume
+            args += ["--device", device] if device else []
+            args += ["--epochs", str(epochs)] if epochs else []
+            args += ["--config", str(config)] if config is not None else []
+            args += [a for o in set_ or [] for a in ("--set", o)]
+            code = distributed.launch(nproc, ["--debug", *args] if _STATE["debug"] else args)
+            if code != 0:
+                raise RuntimeError(
+                    f"distributed training failed (torchrun exited with code {code}); "
+                    "the ranks' errors are printed above"
+                )
+            return
         res = train_job(
             store,
             out_dir,
@@ -277,6 +306,8 @@ def train(
             resume=resume,
             progress=console.is_terminal,
         )
+        if distributed.env_rank() != 0:
+            return  # under torchrun every rank returns rank 0's result: one of them reports it
         out.print(
             f"trained on {res['device']}: best epoch {res['best_epoch']}, val loss {res['val_loss']:.2f}, "
             f"threshold {res['threshold']:.4g}, model {res['model_hash'][:12]} in {out_dir}",

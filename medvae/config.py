@@ -126,6 +126,17 @@ class TrainConfig(_Frozen):
         False, description="Shift each training image by up to 4 px and scale its contrast by up to 10%."
     )
     false_positive_rate: float = Field(0.05, gt=0, lt=1, description="Anomaly threshold calibration FPR.")
+    sync_batchnorm: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Multi-process (torchrun/DDP) training only: BatchNorm statistics over the global "
+        "batch. auto: on for CUDA, off on the CPU (measured, docs/distributed_training.md).",
+    )
+
+    @field_validator("sync_batchnorm", mode="before")
+    @classmethod
+    def _sync_bn_words(cls, v: Any) -> Any:
+        # YAML reads a bare on/off as a boolean: `--set sync_batchnorm=on` must still mean "on".
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
 
 
 class AugmentConfig(_Frozen):

@@ -85,73 +85,87 @@ def train_job(
 ) -> dict[str, Any]:
     """Train a VAE on a store version, calibrate its anomaly threshold and write the model directory.
 
+    Under torchrun (``WORLD_SIZE`` > 1) every rank runs this: it joins the process group, all ranks
+    read the same store version (rank 0 pins the latest), train together with DDP, and rank 0 alone
+    writes the model directory and calibrates; every rank returns rank 0's result.
+
     Returns:
         ``{"model_dir", "model_hash", "dataset_version", "best_epoch", "val_loss", "threshold", "device"}``.
     """
+    from medvae import distributed
     from medvae.artifacts import save_model_dir, write_json, write_tensors
     from medvae.scoring import calibrate
     from medvae.training import train_vae
 
     store = Store(store_uri)
-    data = load_training_data(store, version, where, cfg)
-    if cfg.model.conditional:
-        cfg = cfg.model_copy(
-            update={"model": cfg.model.model_copy(update={"num_classes": len(data["label_names"])})}
+    with distributed.session(cfg.device) as ddp:
+        if ddp is not None and version is None:
+            # A commit between two ranks' reads would give them different data: read rank 0's latest.
+            version = distributed.on_main(lambda: int(store.table().version()), ddp)
+        data = load_training_data(store, version, where, cfg)
+        if cfg.model.conditional:
+            cfg = cfg.model_copy(
+                update={"model": cfg.model.model_copy(update={"num_classes": len(data["label_names"])})}
+            )
+        result = train_vae(
+            data["train_images"],
+            data["train_labels"] if cfg.model.conditional else None,
+            cfg,
+            val_images=data["val_images"],
+            val_labels=data["val_labels"] if cfg.model.conditional else None,
+            checkpoint_dir=out_dir / "checkpoint",
+            resume=resume,
+            progress=progress,
         )
-    result = train_vae(
-        data["train_images"],
-        data["train_labels"] if cfg.model.conditional else None,
-        cfg,
-        val_images=data["val_images"],
-        val_labels=data["val_labels"] if cfg.model.conditional else None,
-        checkpoint_dir=out_dir / "checkpoint",
-        resume=resume,
-        progress=progress,
-    )
-    dataset = {
-        "store": store_uri,
-        "version": data["version"],
-        "where": data["where"],
-        # How the training pixels were made: screening prepares new scans the same way.
-        "image_settings": store.image_settings(),
-        "train_rows": len(data["train_images"]),
-        "val_rows": len(data["val_images"]),
-    }
-    best = result.history[result.best_epoch] if result.history else {}
-    metrics = {
-        "history": result.history,
-        "best_epoch": result.best_epoch,
-        "stopped_early": result.stopped_early,
-        "device": result.device,
-        "best": best,
-    }
-    save_model_dir(
-        out_dir, result.model, cfg, label_names=data["label_names"], dataset=dataset, metrics=metrics
-    )
-    model = result.model.cpu().eval()
-    cal = calibrate(
-        model,
-        data["train_images"],
-        data["val_images"],
-        train_labels=data["train_labels"] if cfg.model.conditional else None,
-        val_labels=data["val_labels"] if cfg.model.conditional else None,
-        fpr=cfg.false_positive_rate,
-        recon_kind=cfg.loss.reconstruction,
-    )
-    cal_json, cal_tensors = cal.to_files()
-    write_json(out_dir, "calibration.json", cal_json)
-    write_tensors(out_dir, "calibration.safetensors", cal_tensors)
-    from medvae.artifacts import model_hash
 
-    return {
-        "model_dir": str(out_dir),
-        "model_hash": model_hash(out_dir),
-        "dataset_version": data["version"],
-        "best_epoch": result.best_epoch,
-        "val_loss": best.get("val_loss"),
-        "threshold": cal.threshold,
-        "device": result.device,
-    }
+        def finish() -> dict[str, Any]:
+            dataset = {
+                "store": store_uri,
+                "version": data["version"],
+                "where": data["where"],
+                # How the training pixels were made: screening prepares new scans the same way.
+                "image_settings": store.image_settings(),
+                "train_rows": len(data["train_images"]),
+                "val_rows": len(data["val_images"]),
+            }
+            best = result.history[result.best_epoch] if result.history else {}
+            metrics = {
+                "history": result.history,
+                "best_epoch": result.best_epoch,
+                "stopped_early": result.stopped_early,
+                "device": result.device,
+                "best": best,
+            }
+            save_model_dir(
+                out_dir, result.model, cfg, label_names=data["label_names"], dataset=dataset, metrics=metrics
+            )
+            model = result.model.cpu().eval()
+            cal = calibrate(
+                model,
+                data["train_images"],
+                data["val_images"],
+                train_labels=data["train_labels"] if cfg.model.conditional else None,
+                val_labels=data["val_labels"] if cfg.model.conditional else None,
+                fpr=cfg.false_positive_rate,
+                recon_kind=cfg.loss.reconstruction,
+            )
+            cal_json, cal_tensors = cal.to_files()
+            write_json(out_dir, "calibration.json", cal_json)
+            write_tensors(out_dir, "calibration.safetensors", cal_tensors)
+            from medvae.artifacts import model_hash
+
+            return {
+                "model_dir": str(out_dir),
+                "model_hash": model_hash(out_dir),
+                "dataset_version": data["version"],
+                "best_epoch": result.best_epoch,
+                "val_loss": best.get("val_loss"),
+                "threshold": cal.threshold,
+                "device": result.device,
+            }
+
+        # Several processes: rank 0 writes the model directory and calibrates, the others wait for it.
+        return finish() if ddp is None else distributed.on_main(finish, ddp)
 
 
 def _load(model_dir: Path) -> Any:

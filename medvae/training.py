@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import math
 import os
 import random
@@ -20,7 +21,9 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import Tensor, nn
 
+from medvae import distributed
 from medvae.config import LossConfig, TrainConfig
+from medvae.distributed import DistContext
 from medvae.losses import LossParts, kl_weight, negative_elbo
 from medvae.model import ConvVAE
 
@@ -28,8 +31,10 @@ CHECKPOINT_NAME = "checkpoint.pt"
 _CHECKPOINT_FORMAT = "medvae-train-checkpoint"
 _CHECKPOINT_VERSION = 1
 # Settings that may change between an interrupted run and its resumption without changing the result of
-# the epochs already done: more epochs, a different patience, another device, compilation on or off.
-_RESUMABLE_CHANGES = frozenset({"epochs", "patience", "device", "compile"})
+# the epochs already done: more epochs, a different patience, another device, compilation on or off,
+# BatchNorm synchronisation (it only acts with several processes). The number of processes is not part
+# of the configuration at all: a checkpoint resumes at any world size (docs/distributed_training.md).
+_RESUMABLE_CHANGES = frozenset({"epochs", "patience", "device", "compile", "sync_batchnorm"})
 
 ArrayLike = np.ndarray | Tensor
 
@@ -119,6 +124,8 @@ class TrainingSetup:
         amp_dtype: the autocast dtype, or None for plain fp32.
         channels_last: whether the model and the batches use the channels-last memory format.
         compile_checked: whether the compiled ``forward`` has run once (it falls back to eager if not).
+        eager: what ``forward`` falls back to when compilation fails: ``model``, or its
+            DistributedDataParallel wrapper when training in several processes (None means ``model``).
     """
 
     model: ConvVAE
@@ -129,6 +136,11 @@ class TrainingSetup:
     amp_dtype: torch.dtype | None
     channels_last: bool
     compile_checked: bool = False
+    eager: nn.Module | None = None
+
+    def __post_init__(self) -> None:
+        if self.eager is None:
+            self.eager = self.model
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         """The autocast context for forward passes (a no-op without mixed precision)."""
@@ -152,6 +164,7 @@ def build_training(
     *,
     channels_last: bool | None = None,
     amp: Literal["auto", "off", "bf16"] = "auto",
+    ddp: DistContext | None = None,
 ) -> TrainingSetup:
     """Build the model, optimizer and execution settings exactly as :func:`train_vae` uses them.
 
@@ -166,6 +179,10 @@ def build_training(
         channels_last: force the memory format (None: the measured default for the device); for
             benchmarks.
         amp: ``"auto"`` (bf16 autocast on CUDA, fp32 on CPU), or force ``"off"``/``"bf16"``; for benchmarks.
+        ddp: the process group when training in several processes: BatchNorm is converted for
+            synchronised statistics as ``cfg.sync_batchnorm`` says and ``forward`` is the
+            DistributedDataParallel wrapper (compiled when asked); ``model`` stays the plain ConvVAE
+            object with unchanged state-dict keys.
 
     Returns:
         The training setup; the model is in train mode.
@@ -175,16 +192,19 @@ def build_training(
     if use_cl:
         model = model.to(memory_format=torch.channels_last)
     model.train()
+    if ddp is not None:
+        distributed.prepare_model(model, device, cfg.sync_batchnorm)
     optimizer = _make_adam(model, cfg)
-    forward: nn.Module = model
+    eager: nn.Module = model if ddp is None else distributed.wrap_ddp(model, device)
+    forward: nn.Module = eager
     if cfg.compile:
         try:
-            forward = torch.compile(model)  # type: ignore[assignment]
+            forward = torch.compile(eager)  # type: ignore[assignment]
         except Exception as exc:  # a missing compiler toolchain must not stop training
             warnings.warn(f"torch.compile failed ({exc!r}); training without compilation", stacklevel=2)
-            forward = model
+            forward = eager
     amp_dtype = {"auto": _amp_dtype(device), "off": None, "bf16": torch.bfloat16}[amp]
-    return TrainingSetup(model, forward, optimizer, cfg.loss, device, amp_dtype, use_cl)
+    return TrainingSetup(model, forward, optimizer, cfg.loss, device, amp_dtype, use_cl, eager=eager)
 
 
 def _forward_backward(setup: TrainingSetup, x: Tensor, y: Tensor | None, kl_w: float) -> LossParts:
@@ -209,14 +229,15 @@ def train_step(setup: TrainingSetup, x: Tensor, y: Tensor | None, kl_w: float) -
     Returns:
         The batch's loss parts, detached, still on the device (no host sync).
     """
-    if setup.forward is not setup.model and not setup.compile_checked:
+    if setup.forward is not setup.eager and not setup.compile_checked:
         # torch.compile is lazy: a missing compiler or an unsupported op only shows at the first call.
         # Tracing and compiling run on fake tensors, so retrying eagerly repeats nothing that ran.
         try:
             parts = _forward_backward(setup, x, y, kl_w)
         except Exception as exc:
             warnings.warn(f"torch.compile failed ({exc!r}); training without compilation", stacklevel=2)
-            setup.forward = setup.model
+            assert setup.eager is not None  # set by __post_init__
+            setup.forward = setup.eager
             parts = _forward_backward(setup, x, y, kl_w)
         setup.compile_checked = True
     else:
@@ -341,6 +362,120 @@ def run_epoch(
     return _finish(sums, seen, start)
 
 
+def run_epoch_sharded(
+    setup: TrainingSetup,
+    images: Tensor,
+    labels: Tensor | None,
+    *,
+    batch_size: int,
+    kl_w: float,
+    generator: torch.Generator,
+    ctx: DistContext,
+    seed: int,
+    epoch: int,
+    augment: bool = False,
+) -> EpochTotals:
+    """One epoch of one rank in multi-process (DDP) training; the totals are global.
+
+    Every rank draws the same permutation from ``generator`` (seeded by (seed, epoch), as one process
+    does) and takes its slice of every global batch (:func:`medvae.distributed.epoch_shard`). Only that
+    shard is copied to the device, once per epoch. The reparameterisation noise and the augmentation
+    come from per-rank streams reseeded from (seed, epoch, rank), so ranks draw different noise and a
+    resumed run at the same world size repeats the uninterrupted one.
+
+    Args:
+        setup: from :func:`build_training` with ``ddp`` set (``forward`` averages the gradients).
+        images: all uint8 training images (N, 1, H, W), on the host.
+        labels: int64 labels (N,) on the host for a conditional VAE, else None.
+        batch_size: the global batch size (divisible by the world size).
+        kl_w: the KL weight of this epoch.
+        generator: the epoch's shuffle generator, identical on every rank.
+        ctx: the distributed context.
+        seed: ``cfg.seed``, for the per-rank streams.
+        epoch: the 0-based epoch, for the per-rank streams.
+        augment: apply :func:`augment_batch` to every batch.
+
+    Returns:
+        The image-weighted mean training losses over all ranks' images (identical on every rank).
+    """
+    start = time.perf_counter()
+    order = torch.randperm(images.shape[0], generator=generator)
+    idx, steps = distributed.epoch_shard(order, batch_size, ctx)
+    x_shard = images.index_select(0, idx).to(setup.device, non_blocking=True)
+    y_shard = labels.index_select(0, idx).to(setup.device) if labels is not None else None
+    torch.manual_seed(distributed.rank_seed(seed, epoch, ctx.rank, 0))
+    aug_gen = torch.Generator()
+    aug_gen.manual_seed(distributed.rank_seed(seed, epoch, ctx.rank, 1))
+    sums = torch.zeros(3, device=setup.device)
+    pos = 0
+    for b in steps:
+        x = uint8_to_float(x_shard[pos : pos + b], setup.channels_last)
+        if augment:
+            x = augment_batch(x, aug_gen)
+        y = y_shard[pos : pos + b] if y_shard is not None else None
+        parts = train_step(setup, x, y, kl_w)
+        sums += torch.stack(parts) * b
+        pos += b
+    # Image-weighted sums and the image count, summed over ranks: the history is global, not per rank.
+    totals = torch.cat([sums.double(), sums.new_tensor([float(pos)], dtype=torch.float64)])
+    distributed.all_reduce_sum(totals)
+    return _finish(totals[:3], round(float(totals[3])), start)
+
+
+def _eval_sums(
+    setup: TrainingSetup, images: Tensor, labels: Tensor | None, batch_size: int, kl_w: float
+) -> Tensor:
+    model = setup.model  # eager: a compiled eval graph would cost a second compilation for ~10% of data
+    model.eval()
+    try:
+        sums = torch.zeros(3, device=setup.device)
+        n = images.shape[0]
+        for s in range(0, n, batch_size):
+            x = uint8_to_float(images[s : s + batch_size], setup.channels_last)
+            y = labels[s : s + batch_size] if labels is not None else None
+            with setup.autocast():
+                out = model(x, y)
+            parts = negative_elbo(out, x, setup.loss_cfg, kl_w)
+            sums += torch.stack(parts) * x.shape[0]
+        return sums
+    finally:
+        model.train()
+
+
+@torch.no_grad()
+def evaluate_sharded(
+    setup: TrainingSetup,
+    images: Tensor,
+    labels: Tensor | None,
+    *,
+    batch_size: int,
+    kl_w: float,
+    ctx: DistContext,
+) -> EpochTotals:
+    """:func:`evaluate` over all ranks: each evaluates its shard of the validation set, sums are all-reduced.
+
+    The ranks' BatchNorm running statistics are averaged first (:func:`medvae.distributed.average_buffers`),
+    so every rank evaluates, and later saves, the same model, and early stopping decides the same on all.
+
+    Args:
+        setup: from :func:`build_training` with ``ddp`` set.
+        images: this rank's uint8 validation shard on ``setup.device`` (it may be empty).
+        labels: its int64 labels for a conditional VAE, else None.
+        batch_size: images per forward pass.
+        kl_w: the KL weight.
+        ctx: the distributed context.
+
+    Returns:
+        Image-weighted mean losses over the whole validation set, identical on every rank.
+    """
+    start = time.perf_counter()
+    distributed.average_buffers(setup.model, ctx)
+    sums = _eval_sums(setup, images, labels, batch_size, kl_w)
+    totals = torch.cat([sums.double(), sums.new_tensor([float(images.shape[0])], dtype=torch.float64)])
+    distributed.all_reduce_sum(totals)
+    return _finish(totals[:3], round(float(totals[3])), start)
+
+
 @torch.no_grad()
 def evaluate(
     setup: TrainingSetup, images: Tensor, labels: Tensor | None, *, batch_size: int, kl_w: float
@@ -358,21 +493,7 @@ def evaluate(
         Image-weighted mean losses; the model is returned to train mode.
     """
     start = time.perf_counter()
-    model = setup.model  # eager: a compiled eval graph would cost a second compilation for ~10% of data
-    model.eval()
-    try:
-        sums = torch.zeros(3, device=setup.device)
-        n = images.shape[0]
-        for s in range(0, n, batch_size):
-            x = uint8_to_float(images[s : s + batch_size], setup.channels_last)
-            y = labels[s : s + batch_size] if labels is not None else None
-            with setup.autocast():
-                out = model(x, y)
-            parts = negative_elbo(out, x, setup.loss_cfg, kl_w)
-            sums += torch.stack(parts) * x.shape[0]
-        return _finish(sums, n, start)
-    finally:
-        model.train()
+    return _finish(_eval_sums(setup, images, labels, batch_size, kl_w), images.shape[0], start)
 
 
 @dataclass
@@ -502,6 +623,71 @@ def _fmt(v: float) -> str:
     return f"{v:.4g}"
 
 
+@dataclass
+class _TrainState:
+    """The selection state that a checkpoint records beside the weights."""
+
+    epoch: int
+    best_state: dict[str, Tensor]
+    best_val: float
+    best_epoch: int
+    bad_epochs: int
+    stopped_early: bool
+
+
+def _checkpoint(
+    setup: TrainingSetup,
+    cfg: TrainConfig,
+    state: _TrainState,
+    history: list[dict[str, Any]],
+    n_train: int,
+    n_val: int,
+    gen: torch.Generator,
+    world_size: int = 1,
+) -> dict[str, Any]:
+    # Nothing in it depends on the number of processes: the unwrapped model's state (plain BatchNorm
+    # keys), the optimizer, the selection state and the global history. world_size is informative.
+    ckpt = {
+        "format": _CHECKPOINT_FORMAT,
+        "version": _CHECKPOINT_VERSION,
+        "epoch": state.epoch,
+        "model": setup.model.state_dict(),
+        "optimizer": setup.optimizer.state_dict(),
+        "best_state": state.best_state,
+        "best_val": state.best_val,
+        "best_epoch": state.best_epoch,
+        "bad_epochs": state.bad_epochs,
+        "stopped_early": state.stopped_early,
+        "history": history,
+        "config": _resumable_config(cfg),
+        "n_train": n_train,
+        "n_val": n_val,
+        # The global RNG draws the reparameterisation noise; the shuffle generator is
+        # re-derived from (seed, epoch), its state is kept for inspection only.
+        "rng_cpu": torch.get_rng_state(),
+        "generator": gen.get_state(),
+    }
+    if world_size > 1:
+        ckpt["world_size"] = world_size
+    if setup.device.type == "cuda":
+        ckpt["rng_cuda"] = torch.cuda.get_rng_state()
+    return ckpt
+
+
+def _save_checkpoint(
+    path: Path,
+    setup: TrainingSetup,
+    cfg: TrainConfig,
+    state: _TrainState,
+    history: list[dict[str, Any]],
+    n_train: int,
+    n_val: int,
+    gen: torch.Generator,
+    world_size: int,
+) -> None:
+    _atomic_torch_save(_checkpoint(setup, cfg, state, history, n_train, n_val, gen, world_size), path)
+
+
 def train_vae(
     images: ArrayLike,
     labels: ArrayLike | None,
@@ -530,6 +716,14 @@ def train_vae(
     which draws the reparameterisation noise, is restored). When there is no checkpoint yet it starts
     from scratch. The global RNGs are seeded with ``cfg.seed`` (:func:`seed_everything`).
 
+    Inside a process group of several processes (torchrun, see :mod:`medvae.distributed`) it trains
+    with DistributedDataParallel: the global batch stays ``cfg.batch_size``, each rank moves only its
+    shard of each epoch's permutation to its device, validation is sharded and all-reduced, so the
+    history and every early-stopping decision are global and identical on all ranks, and rank 0 alone
+    writes the checkpoint (the others wait for it). The checkpoint does not depend on the number of
+    processes: it resumes at any world size, with a different random stream (not bit-identical) when
+    the world size changes. Every rank returns the same best model.
+
     Args:
         images: uint8 training images (N, H, W) or (N, 1, H, W), H = W = ``cfg.model.image_size``.
         labels: integer class indices (N,); required for a conditional VAE, ignored otherwise.
@@ -552,7 +746,11 @@ def train_vae(
     """
     if resume and checkpoint_dir is None:
         raise ValueError("resume=True needs a checkpoint_dir")
+    ddp = distributed.current()
     device = select_device(cfg.device)
+    if ddp is not None:
+        device = distributed.training_device(ddp, device.type)
+    main = ddp is None or ddp.is_main
     size = cfg.model.image_size
     conditional = cfg.model.conditional
 
@@ -572,36 +770,54 @@ def train_vae(
             raise ValueError("val_images is empty: validation (early stopping) needs at least one image")
     if x_tr.shape[0] < 2:
         raise ValueError(f"need at least 2 training images (BatchNorm), got {x_tr.shape[0]}")
+    n_train, n_val = int(x_tr.shape[0]), int(x_va.shape[0])
 
-    # The one host->device copy of the data: 4 KiB per 64x64 uint8 image.
-    x_tr, x_va = x_tr.to(device), x_va.to(device)
-    y_tr = y_tr.to(device) if y_tr is not None else None
-    y_va = y_va.to(device) if y_va is not None else None
+    if ddp is None:
+        # The one host->device copy of the data: 4 KiB per 64x64 uint8 image.
+        x_tr, x_va = x_tr.to(device), x_va.to(device)
+        y_tr = y_tr.to(device) if y_tr is not None else None
+        y_va = y_va.to(device) if y_va is not None else None
+    else:
+        distributed.per_rank_batch(cfg.batch_size, ddp.world_size, n_train)
+        # Training images stay on the host: each epoch moves this rank's shard of them to the device
+        # (run_epoch_sharded). The validation shard is fixed, so it moves once.
+        mine = distributed.shard_slice(n_val, ddp)
+        x_va = x_va[mine].to(device)
+        y_va = y_va[mine].to(device) if y_va is not None else None
     if device.type == "cuda":
         # Fixed shapes every step, so cuDNN's per-shape algorithm search pays off after the first batch.
         torch.backends.cudnn.benchmark = True
 
     seed_everything(cfg.seed)
-    setup = build_training(cfg, device)
+    setup = build_training(cfg, device, ddp=ddp)
     history: list[dict[str, Any]] = []
     best_val, best_epoch, bad_epochs, stopped_early = math.inf, 0, 0, False
     best_state = _clone_state(setup.model)
     start_epoch = 0
 
     ckpt_path = checkpoint_dir / CHECKPOINT_NAME if checkpoint_dir is not None else None
-    if checkpoint_dir is not None:
+    if checkpoint_dir is not None and main:
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    if resume and ckpt_path is not None and ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path, map_location=device)
+    ckpt: dict[str, Any] | None = None
+    if resume and ckpt_path is not None:
+        if ddp is None:
+            ckpt = load_checkpoint(ckpt_path, map_location=device) if ckpt_path.exists() else None
+        else:
+            # Rank 0 reads it and sends it to the others: on several nodes only rank 0's filesystem is
+            # sure to hold the checkpoint, and a rank that started afresh while rank 0 resumed would
+            # train a different number of epochs and hang the others.
+            path = ckpt_path
+            ckpt = distributed.on_main(lambda: load_checkpoint(path) if path.exists() else None, ddp)
+    if ckpt is not None:
         if ckpt["config"] != _resumable_config(cfg):
             raise ValueError(
                 f"{ckpt_path} was written with a different configuration; only "
                 f"{sorted(_RESUMABLE_CHANGES)} may change when resuming"
             )
-        if (ckpt["n_train"], ckpt["n_val"]) != (x_tr.shape[0], x_va.shape[0]):
+        if (ckpt["n_train"], ckpt["n_val"]) != (n_train, n_val):
             raise ValueError(
                 f"{ckpt_path} was written for {ckpt['n_train']} train / {ckpt['n_val']} val images, "
-                f"not {x_tr.shape[0]} / {x_va.shape[0]}"
+                f"not {n_train} / {n_val}"
             )
         setup.model.load_state_dict(ckpt["model"])
         setup.optimizer.load_state_dict(ckpt["optimizer"])
@@ -610,6 +826,7 @@ def train_vae(
         bad_epochs, stopped_early = int(ckpt["bad_epochs"]), bool(ckpt["stopped_early"])
         history = list(ckpt["history"])
         start_epoch = int(ckpt["epoch"]) + 1
+        # (Several processes reseed their streams per epoch and rank instead; see run_epoch_sharded.)
         torch.set_rng_state(ckpt["rng_cpu"].cpu())
         if device.type == "cuda" and "rng_cuda" in ckpt:
             torch.cuda.set_rng_state(ckpt["rng_cuda"].cpu())
@@ -621,19 +838,39 @@ def train_vae(
         TimeElapsedColumn(),
         TextColumn("{task.fields[metrics]}"),
     )
-    with Progress(*columns, disable=not progress, transient=False) as bar:
+    with Progress(*columns, disable=not (progress and main), transient=False) as bar:
         task = bar.add_task("train", total=cfg.epochs, completed=min(start_epoch, cfg.epochs), metrics="")
         for epoch in range(start_epoch, cfg.epochs):
             if stopped_early:
                 break
             w = kl_weight(epoch, cfg.loss)
             gen = _epoch_generator(cfg.seed, epoch)
-            tr = run_epoch(
-                setup, x_tr, y_tr, batch_size=cfg.batch_size, kl_w=w, generator=gen, augment=cfg.augment
-            )
+            if ddp is None:
+                tr = run_epoch(
+                    setup, x_tr, y_tr, batch_size=cfg.batch_size, kl_w=w, generator=gen, augment=cfg.augment
+                )
+            else:
+                tr = run_epoch_sharded(
+                    setup,
+                    x_tr,
+                    y_tr,
+                    batch_size=cfg.batch_size,
+                    kl_w=w,
+                    generator=gen,
+                    ctx=ddp,
+                    seed=cfg.seed,
+                    epoch=epoch,
+                    augment=cfg.augment,
+                )
+            # Global (all-reduced) figures under DDP: every rank takes the same decisions below.
             if not math.isfinite(tr.loss):
                 raise RuntimeError(f"training diverged: non-finite loss at epoch {epoch}; try a lower lr")
-            va = evaluate(setup, x_va, y_va, batch_size=cfg.batch_size, kl_w=cfg.loss.beta)
+            if ddp is None:
+                va = evaluate(setup, x_va, y_va, batch_size=cfg.batch_size, kl_w=cfg.loss.beta)
+            else:
+                va = evaluate_sharded(
+                    setup, x_va, y_va, batch_size=cfg.batch_size, kl_w=cfg.loss.beta, ctx=ddp
+                )
             seconds = tr.seconds + va.seconds
             history.append(
                 {
@@ -664,29 +901,27 @@ def train_vae(
                 bad_epochs += 1
                 stopped_early = bad_epochs >= cfg.patience and epoch + 1 < cfg.epochs
             if ckpt_path is not None:
-                ckpt = {
-                    "format": _CHECKPOINT_FORMAT,
-                    "version": _CHECKPOINT_VERSION,
-                    "epoch": epoch,
-                    "model": setup.model.state_dict(),
-                    "optimizer": setup.optimizer.state_dict(),
-                    "best_state": best_state,
-                    "best_val": best_val,
-                    "best_epoch": best_epoch,
-                    "bad_epochs": bad_epochs,
-                    "stopped_early": stopped_early,
-                    "history": history,
-                    "config": _resumable_config(cfg),
-                    "n_train": int(x_tr.shape[0]),
-                    "n_val": int(x_va.shape[0]),
-                    # The global RNG draws the reparameterisation noise; the shuffle generator is
-                    # re-derived from (seed, epoch), its state is kept for inspection only.
-                    "rng_cpu": torch.get_rng_state(),
-                    "generator": gen.get_state(),
-                }
-                if device.type == "cuda":
-                    ckpt["rng_cuda"] = torch.cuda.get_rng_state()
-                _atomic_torch_save(ckpt, ckpt_path)
+                state = _TrainState(epoch, best_state, best_val, best_epoch, bad_epochs, stopped_early)
+                if ddp is None:
+                    ckpt = _checkpoint(setup, cfg, state, history, n_train, n_val, gen)
+                    _atomic_torch_save(ckpt, ckpt_path)
+                else:
+                    # Rank 0 writes; the others wait for it, and fail with it, so that none runs ahead.
+                    distributed.on_main(
+                        functools.partial(
+                            _save_checkpoint,
+                            ckpt_path,
+                            setup,
+                            cfg,
+                            state,
+                            history,
+                            n_train,
+                            n_val,
+                            gen,
+                            ddp.world_size,
+                        ),
+                        ddp,
+                    )
             bar.update(
                 task,
                 advance=1,
@@ -694,10 +929,20 @@ def train_vae(
                 f"val {_fmt(va.loss)}  ({tr.images / max(tr.seconds, 1e-9):.0f} img/s)",
             )
 
-    setup.model.load_state_dict(best_state)
-    setup.model.eval()
+    if ddp is None:
+        setup.model.load_state_dict(best_state)
+        setup.model.eval()
+        model = setup.model
+    else:
+        # A plain ConvVAE (no SyncBatchNorm layers) with the same state-dict keys: what scoring and
+        # the model directory expect, whatever the BatchNorm layers were while training.
+        model = ConvVAE(cfg.model).to(device)
+        if setup.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        model.load_state_dict(best_state)
+        model.eval()
     return TrainResult(
-        model=setup.model,
+        model=model,
         history=copy.deepcopy(history),
         best_epoch=best_epoch,
         stopped_early=stopped_early,

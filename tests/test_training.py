@@ -301,3 +301,23 @@ def test_warm_up_epochs_are_never_selected_or_counted_against_patience() -> None
     assert len(res.history) >= 5
     assert res.best_epoch >= 3
     assert [h["kl_weight"] for h in res.history[:4]] == [0.0, 0.25, 0.5, 0.75]
+
+
+def test_single_process_checkpoint_and_setup_are_as_before(tmp_path: Path) -> None:
+    # One process never enters the distributed path: plain BatchNorm, no DDP wrapper, and a checkpoint
+    # without the world_size entry that several processes add.
+    setup = build_training(_cfg(), torch.device("cpu"))
+    assert setup.eager is setup.model and setup.forward is setup.model
+    assert all(type(m).__name__ != "HostSyncBatchNorm" for m in setup.model.modules())
+    train_vae(_noise(40), None, _cfg(epochs=1), checkpoint_dir=tmp_path, progress=False)
+    assert "world_size" not in load_checkpoint(tmp_path / CHECKPOINT_NAME)
+
+
+def test_resume_accepts_another_sync_batchnorm_setting(tmp_path: Path) -> None:
+    # sync_batchnorm only acts with several processes, so like the world size it may change on resume.
+    x = _noise(40)
+    train_vae(x, None, _cfg(epochs=1, sync_batchnorm="on"), checkpoint_dir=tmp_path, progress=False)
+    res = train_vae(
+        x, None, _cfg(epochs=2, sync_batchnorm="off"), checkpoint_dir=tmp_path, resume=True, progress=False
+    )
+    assert [h["epoch"] for h in res.history] == [0, 1]
