@@ -481,16 +481,16 @@ def prepare_screen_batches(sources: Sequence[Path], staging: str, batch_files: i
     import json
 
     from medvae.ingest import iter_files
-    from medvae.staging import write_bytes as _write_bytes
+    from medvae.staging import write_bytes
 
     entries = [
         [slot, str(p), os.path.abspath(p), err] for slot, (p, err) in enumerate(iter_files(list(sources)))
     ]
     batches = [entries[i : i + batch_files] for i in range(0, len(entries), batch_files)]
     for n, b in enumerate(batches):
-        _write_bytes(f"{staging}/batch-{n:06d}.json", json.dumps(b).encode())
+        write_bytes(f"{staging}/batch-{n:06d}.json", json.dumps(b).encode())
     plan = {"files": len(entries), "batches": len(batches)}
-    _write_bytes(f"{staging}/plan.json", json.dumps(plan).encode())
+    write_bytes(f"{staging}/plan.json", json.dumps(plan).encode())
     return {"staging": staging, "batches": len(batches), "files": len(entries)}
 
 
@@ -503,19 +503,18 @@ def screen_batch(model_dir: Path, staging: str, index: int, heatmaps: bool) -> d
     import io
     import json
 
-    from medvae.staging import read_bytes as _read_bytes
-    from medvae.staging import write_bytes as _write_bytes
+    from medvae.staging import read_bytes, write_bytes
 
-    entries = json.loads(_read_bytes(f"{staging}/batch-{index:06d}.json"))
+    entries = json.loads(read_bytes(f"{staging}/batch-{index:06d}.json"))
     records, batch = screen_files(model_dir, [(e[2], e[3]) for e in entries], screen_settings(model_dir))
     for e, rec in zip(entries, records, strict=True):
         rec["slot"], rec["file"] = e[0], e[1]
-    _write_bytes(f"{staging}/records-{index:06d}.json", json.dumps(records).encode())
+    write_bytes(f"{staging}/records-{index:06d}.json", json.dumps(records).encode())
     if heatmaps:
         # Raw maps, not PNGs: the PNGs share one colour scale over the whole run, known only at merge.
         buf = io.BytesIO()
         np.savez(buf, images=batch, maps=_heatmaps(model_dir, batch) if len(batch) else batch)
-        _write_bytes(f"{staging}/maps-{index:06d}.npz", buf.getvalue())
+        write_bytes(f"{staging}/maps-{index:06d}.npz", buf.getvalue())
     n_scored = sum(r["status"] == "scored" for r in records)
     return {"batch": index, "scored": n_scored, "rejected": len(records) - n_scored}
 
@@ -531,18 +530,17 @@ def merge_screen(
     import io
     import json
 
-    from medvae.staging import read_bytes as _read_bytes
-    from medvae.staging import remove_tree
+    from medvae.staging import read_bytes, remove_tree
 
-    plan = json.loads(_read_bytes(f"{staging}/plan.json"))
+    plan = json.loads(read_bytes(f"{staging}/plan.json"))
     records: list[dict[str, Any]] = []
     images: list[np.ndarray] = []
     maps: list[np.ndarray] = []
     for n in range(int(plan["batches"])):
         try:
-            records += json.loads(_read_bytes(f"{staging}/records-{n:06d}.json"))
+            records += json.loads(read_bytes(f"{staging}/records-{n:06d}.json"))
             if heatmaps_dir is not None:
-                with np.load(io.BytesIO(_read_bytes(f"{staging}/maps-{n:06d}.npz"))) as z:
+                with np.load(io.BytesIO(read_bytes(f"{staging}/maps-{n:06d}.npz"))) as z:
                     images.append(z["images"])
                     maps.append(z["maps"].astype(np.float32))
         except (FileNotFoundError, OSError) as exc:

@@ -30,6 +30,7 @@ from medvae.config import IngestConfig, LossConfig, ModelConfig, TrainConfig, lo
 from medvae.distributed import DistContext
 from medvae.model import ConvVAE
 from medvae.training import CHECKPOINT_NAME, _batches, _resumable_config, load_checkpoint, train_vae
+from tests.test_training import _noise
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -56,10 +57,6 @@ def _child_env(mp: pytest.MonkeyPatch) -> None:
 
 def _strip(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{k: v for k, v in h.items() if k not in ("seconds", "img_per_s")} for h in history]
-
-
-def _noise(n: int, size: int = 16, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (n, size, size), dtype=np.uint8)
 
 
 def _cfg(**kw: Any) -> TrainConfig:
