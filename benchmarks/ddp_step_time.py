@@ -36,9 +36,15 @@ def worker(args: argparse.Namespace) -> None:
     """One rank: build the production training setup and time ``args.steps`` train steps."""
     import torch
 
-    from medvae import distributed
     from medvae.config import ModelConfig, TrainConfig
-    from medvae.training import build_training, seed_everything, select_device, train_step, uint8_to_float
+    from medvae.engine import dist as distributed
+    from medvae.engine.trainer import (
+        build_training,
+        seed_everything,
+        select_device,
+        train_step,
+        uint8_to_float,
+    )
 
     channels = tuple(int(c) for c in args.channels.split(","))
     cfg = TrainConfig(

@@ -1,4 +1,4 @@
-"""Run medvae.evaluation.evaluate on a labelled folder and print the headline figures and the wall time."""
+"""Run medvae.eval.study.evaluate on a labelled folder and print the headline figures and the wall time."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from medvae.config import load_config
-from medvae.evaluation import EvaluateConfig, evaluate, summary_lines
+from medvae.eval.study import EvaluateConfig, evaluate, summary_lines
 
 
 def main() -> None:

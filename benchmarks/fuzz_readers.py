@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Fuzz campaign for the readers: mutated DICOM, PNG and JPEG bytes through ``medvae.readers.decode_bytes``.
+"""Fuzz campaign for the readers: mutated DICOM, PNG and JPEG bytes through
+``medvae.data.readers.decode_bytes``.
 
 Usage: python benchmarks/fuzz_readers.py [--cases 10000] [--seed 0] [--show 5]
 
@@ -45,7 +46,7 @@ def _signature(v: Violation) -> str:
 
 def _reproducer(plan: Plan) -> str:
     return (
-        'uv run python -c "from tests.fuzzgen import *; from medvae.readers import decode_bytes; '
+        'uv run python -c "from tests.fuzzgen import *; from medvae.data.readers import decode_bytes; '
         "from medvae.config import IngestConfig; "
         f'name, data = build({plan!r}); print(decode_bytes(data, name, IngestConfig()))"'
     )
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     Returns:
         The exit status: 0 when no case broke the contract, else 1.
     """
-    ap = argparse.ArgumentParser(description="Fuzz medvae.readers.decode_bytes with mutated files.")
+    ap = argparse.ArgumentParser(description="Fuzz medvae.data.readers.decode_bytes with mutated files.")
     ap.add_argument("--cases", type=int, default=10_000, help="how many cases to run (default 10000)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the case generator (default 0)")
     ap.add_argument("--show", type=int, default=5, help="how many distinct failures to print (default 5)")

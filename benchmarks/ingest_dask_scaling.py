@@ -41,7 +41,7 @@ def main() -> None:
 
     import flows  # noqa: F401
     from flows.ingest import ingest_flow
-    from medvae.ingest import iter_files
+    from medvae.data.ingest import iter_files
 
     logging.getLogger("prefect").setLevel(logging.WARNING)
     files = sorted(str(p) for p, err in iter_files([a.kermany]) if err is None and p.suffix == ".jpeg")
@@ -106,9 +106,9 @@ def main() -> None:
 def phase_times(files: list[str], cfg: dict[str, str], batch_files: int) -> dict[str, float]:
     """Seconds for plan, decode (all batches, one process) and commit: the serial share bounds scaling."""
     from medvae.config import IngestConfig
-    from medvae.ingest import commit_batches, decode_batch, prepare_batches
-    from medvae.staging import staging_uri
-    from medvae.store import Store
+    from medvae.data.ingest import commit_batches, decode_batch, prepare_batches
+    from medvae.data.staging import staging_uri
+    from medvae.data.store import Store
 
     tmp = Path(tempfile.mkdtemp(prefix="medvae-dask-phases-"))
     try:

@@ -4,8 +4,8 @@
 Usage: python benchmarks/ingest_throughput.py [--kermany DIR] [--dicom DIR] [--limit N] [--repeats R]
        [--intensity none|clahe]
 
-For each data set it prints files/s for `medvae.ingest.ingest` (decode, de-identify, normalise to 64×64 and
-commit one Delta version, on every core) and for the obvious alternative, a single loop of MONAI's
+For each data set it prints files/s for `medvae.data.ingest.ingest` (decode, de-identify, normalise to
+64×64 and commit one Delta version, on every core) and for the obvious alternative, a single loop of MONAI's
 `LoadImage` + `EnsureChannelFirst` + `Resize((64, 64))` (no store write, so the comparison favours MONAI),
 and the ratio between the two. Runs alternate (medvae, MONAI, medvae, ...) so machine noise hits both.
 """
@@ -20,9 +20,9 @@ import warnings
 from pathlib import Path
 
 from medvae.config import IngestConfig
-from medvae.ingest import ingest as medvae_ingest
-from medvae.ingest import iter_files
-from medvae.store import Store
+from medvae.data.ingest import ingest as medvae_ingest
+from medvae.data.ingest import iter_files
+from medvae.data.store import Store
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from medvae.config import TrainConfig
-from medvae.training import build_training, run_epoch, seed_everything, select_device
+from medvae.engine.trainer import build_training, run_epoch, seed_everything, select_device
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = REPO.parent / "shared" / "bench" / "seed_reference_train.py"

@@ -1,4 +1,4 @@
-"""Prefect flow: ingest folders of scans into a new store version (thin wrapper over medvae.ingest)."""
+"""Prefect flow: ingest folders of scans into a new store version (thin wrapper over medvae.data.ingest)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from prefect.artifacts import create_table_artifact
 import flows  # noqa: F401  (medvae's Prefect defaults, also when this file runs as a script)
 from flows.runners import task_runner
 from medvae.config import IngestConfig, RunnerConfig, load_config, to_jsonable
-from medvae.ingest import commit_batches, decode_batch, ingest, prepare_batches, report_dict
-from medvae.staging import staging_uri
-from medvae.store import Store
+from medvae.data.ingest import commit_batches, decode_batch, ingest, prepare_batches, report_dict
+from medvae.data.staging import staging_uri
+from medvae.data.store import Store
 
 
 @task(name="ingest", retries=1, retry_delay_seconds=5, timeout_seconds=6 * 3600)

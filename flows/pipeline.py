@@ -14,8 +14,8 @@ import flows  # noqa: F401  (medvae's Prefect defaults, also when this file runs
 from flows.ingest import run_ingest
 from flows.train import train_task
 from medvae.config import AugmentConfig, PipelineConfig, load_config, to_jsonable
+from medvae.data.store import lineage
 from medvae.jobs import commit_pipeline, generate_synthetic, pictures_job, score_store_rows, stage
-from medvae.store import lineage
 
 
 @task(name="synthesise", retries=1, retry_delay_seconds=5, timeout_seconds=3600)

@@ -14,8 +14,8 @@ from prefect.artifacts import create_table_artifact
 import flows  # noqa: F401  (medvae's Prefect defaults, also when this file runs as a script)
 from flows.runners import task_runner
 from medvae.config import RunnerConfig, load_config, to_jsonable
+from medvae.data.staging import staging_uri
 from medvae.jobs import merge_screen, prepare_screen_batches, screen_batch, screen_job
-from medvae.staging import staging_uri
 
 
 @task(name="screen", retries=1, retry_delay_seconds=5, timeout_seconds=3600)

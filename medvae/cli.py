@@ -55,7 +55,7 @@ def run_cli(fn: Callable[[], T]) -> T:
     """
     from pydantic import ValidationError
 
-    from medvae.store import StoreError
+    from medvae.data.store import StoreError
 
     try:
         return fn()
@@ -124,8 +124,8 @@ def ingest(
     """Ingest scans into a new version of the store (de-identified, 64×64, de-duplicated)."""
 
     def body() -> None:
-        from medvae.ingest import ingest as do_ingest
-        from medvae.store import Store
+        from medvae.data.ingest import ingest as do_ingest
+        from medvae.data.store import Store
 
         overrides = list(set_ or [])
         if labels_csv is not None:
@@ -172,7 +172,7 @@ def versions(
     """List the store's versions with row counts, operation and lineage."""
 
     def body() -> None:
-        from medvae.store import Store
+        from medvae.data.store import Store
 
         hist = Store(store).history()
         if as_json:
@@ -214,8 +214,8 @@ def export(
     """Export a version as PNG files in ImageFolder layout, plus manifest.csv."""
 
     def body() -> None:
-        from medvae.export import export as do_export
-        from medvae.store import Store
+        from medvae.data.export import export as do_export
+        from medvae.data.store import Store
 
         manifest = do_export(Store(store), out_dir, version)
         out.print(f"exported to {out_dir} (manifest {manifest})", highlight=False)
@@ -267,8 +267,8 @@ def train(
     """Train the VAE on a store version, calibrate its anomaly threshold, and write a model directory."""
 
     def body() -> None:
-        from medvae import distributed
         from medvae.config import TrainConfig
+        from medvae.engine import dist as distributed
         from medvae.jobs import train_job
 
         overrides = list(set_ or [])
@@ -427,8 +427,8 @@ def evaluate(
     """
 
     def body() -> None:
-        from medvae.evaluation import EvaluateConfig, summary_lines
-        from medvae.evaluation import evaluate as do_evaluate
+        from medvae.eval.study import EvaluateConfig, summary_lines
+        from medvae.eval.study import evaluate as do_evaluate
 
         overrides = list(set_ or [])
         if seeds:

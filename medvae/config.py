@@ -8,7 +8,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from medvae.deid import DEFAULT_PATIENT_REGEX
+from medvae.data.deid import DEFAULT_PATIENT_REGEX
 
 Intensity = Literal["none", "clahe", "equalize"]
 

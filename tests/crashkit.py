@@ -166,7 +166,7 @@ def run_and_kill(
 # ------------------------------------------------------------------------------------------------ audits
 def committed_versions(uri: Path) -> list[int]:
     """Every version the store lists, oldest first (empty when there is no store)."""
-    from medvae.store import Store
+    from medvae.data.store import Store
 
     s = Store(uri)
     return [h.version for h in s.history()] if s.exists() else []
@@ -180,7 +180,7 @@ def audit_store(uri: Path) -> list[str]:
     every ``pixels`` value has height*width bytes; the rows a version adds equal its lineage
     ``rows_added`` (ingest) or ``privacy.kept`` (augment) where recorded; the latest version opens.
     """
-    from medvae.store import Store
+    from medvae.data.store import Store
 
     s = Store(uri)
     if not s.exists():
@@ -239,14 +239,14 @@ def audit_store(uri: Path) -> list[str]:
 
 def store_ids(uri: Path) -> list[str]:
     """The ids of the latest version (with repeats, if any)."""
-    from medvae.store import Store
+    from medvae.data.store import Store
 
     return [str(v) for v in Store(uri).read(columns=["id"]).column("id").to_pylist()]
 
 
 def checkpoint_of(model_dir: Path) -> dict[str, Any] | None:
     """The training checkpoint of a model directory, or None when none was written yet."""
-    from medvae.training import CHECKPOINT_NAME, load_checkpoint
+    from medvae.engine.trainer import CHECKPOINT_NAME, load_checkpoint
 
     path = model_dir / "checkpoint" / CHECKPOINT_NAME
     return load_checkpoint(path) if path.exists() else None
@@ -325,8 +325,8 @@ class Campaign:
     def prepare(self, n_images: int = 40) -> Campaign:
         """Make the inputs and run every command once, uninterrupted, measuring it."""
         from medvae.config import IngestConfig
-        from medvae.ingest import ingest
-        from medvae.store import Store
+        from medvae.data.ingest import ingest
+        from medvae.data.store import Store
 
         paths = make_pngs(self.src, n_images)
         ingest(paths[: n_images // 2], Store(self.base_store), IngestConfig(workers=1))
@@ -470,7 +470,7 @@ class Campaign:
         if proc.returncode != 0:
             trial.rerun_error = f"rerun exited {proc.returncode}: {proc.stderr.strip()[-500:]}"
             return trial
-        from medvae.store import Store
+        from medvae.data.store import Store
 
         t = Store(store).read(columns=["id", "origin", "anomaly_score"])
         origin = t.column("origin").to_pylist()
@@ -556,8 +556,8 @@ def _ingest_after_barrier(sources: list[str], store: str, barrier: Any, result: 
     # Imports and config happen before the barrier, so both writers decode and commit at about the same
     # moment: the race is on the commit, which is what the test is about.
     from medvae.config import IngestConfig
-    from medvae.ingest import ingest
-    from medvae.store import Store
+    from medvae.data.ingest import ingest
+    from medvae.data.store import Store
 
     cfg = IngestConfig(workers=1)
     barrier.wait(timeout=120)
@@ -598,7 +598,7 @@ def _run_together(target: Any, argses: Sequence[tuple[Any, ...]], timeout: float
 
 def fake_rows(ids: Sequence[str]) -> pa.Table:
     """Store rows with the given ids and 2x2 blank pixels (for store-level tests)."""
-    from medvae.store import empty_rows, to_arrow
+    from medvae.data.store import empty_rows, to_arrow
 
     buf = empty_rows()
     for rid in ids:
@@ -610,7 +610,7 @@ def fake_rows(ids: Sequence[str]) -> pa.Table:
 
 
 def _insert_after_barrier(store: str, ids: list[str], barrier: Any, result: Any) -> None:
-    from medvae.store import Store, lineage
+    from medvae.data.store import Store, lineage
 
     rows = fake_rows(ids)
     barrier.wait(timeout=120)
@@ -633,8 +633,8 @@ def concurrent_inserts(
 
 def expected_ids(store: Path, files: Sequence[Path]) -> set[str]:
     """The row ids that single-frame image files get in ``store`` (keyed by the store's key)."""
-    from medvae.deid import keyed_hash
-    from medvae.store import Store
+    from medvae.data.deid import keyed_hash
+    from medvae.data.store import Store
 
     key = Store(store).key(create=False)
     return {keyed_hash(key, "source", p.read_bytes())[:32] for p in files}

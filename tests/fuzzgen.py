@@ -1,4 +1,4 @@
-"""Generators of hostile DICOM, PNG and JPEG bytes for fuzzing :func:`medvae.readers.decode_bytes`.
+"""Generators of hostile DICOM, PNG and JPEG bytes for fuzzing :func:`medvae.data.readers.decode_bytes`.
 
 Shared by ``tests/test_fuzz.py`` (a bounded hypothesis run in CI) and ``benchmarks/fuzz_readers.py`` (a long
 campaign), so that a failure found by either is reproduced by the other from the same plan.
@@ -41,7 +41,7 @@ from pydicom.uid import (
 )
 
 from medvae.config import IngestConfig
-from medvae.readers import DecodedImage, RejectedInput, decode_bytes
+from medvae.data.readers import DecodedImage, RejectedInput, decode_bytes
 
 __all__ = [
     "MUTATORS",
@@ -500,7 +500,7 @@ def build(plan: Plan) -> tuple[str, bytes]:
         plan: the case; ``plan.seed`` indexes :func:`seeds` (modulo their number).
 
     Returns:
-        ``(name, data)`` ready for :func:`medvae.readers.decode_bytes`.
+        ``(name, data)`` ready for :func:`medvae.data.readers.decode_bytes`.
     """
     all_seeds = seeds()
     name, data = all_seeds[plan.seed % len(all_seeds)]

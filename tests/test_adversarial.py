@@ -41,11 +41,11 @@ from pydicom.uid import (
     SegmentationStorage,
 )
 
-from medvae import readers
 from medvae.config import IngestConfig
-from medvae.ingest import FileResult, IngestReport, ingest
-from medvae.readers import RejectedInput, decode_bytes
-from medvae.store import Store
+from medvae.data import readers
+from medvae.data.ingest import FileResult, IngestReport, ingest
+from medvae.data.readers import RejectedInput, decode_bytes
+from medvae.data.store import Store
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom warns about the broken files
 

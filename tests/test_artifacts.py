@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from medvae.artifacts import (
+from medvae.config import ModelConfig, TrainConfig
+from medvae.vae.artifacts import (
     HASH,
     WEIGHTS,
     finalize,
@@ -23,8 +24,7 @@ from medvae.artifacts import (
     write_json,
     write_tensors,
 )
-from medvae.config import ModelConfig, TrainConfig
-from medvae.model import ConvVAE
+from medvae.vae.model import ConvVAE
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

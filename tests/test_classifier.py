@@ -7,7 +7,7 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from medvae.classifier import SmallCNN, predict_proba, train_classifier
+from medvae.eval.classifier import SmallCNN, predict_proba, train_classifier
 
 
 def _toy(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -32,8 +32,8 @@ def pngs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 @pytest.mark.parametrize("overlap", [True, False], ids=["overlapping", "disjoint"])
 def test_two_concurrent_ingests(pngs: list[Path], tmp_path: Path, exists: bool, overlap: bool) -> None:
     from medvae.config import IngestConfig
-    from medvae.ingest import ingest
-    from medvae.store import Store
+    from medvae.data.ingest import ingest
+    from medvae.data.store import Store
 
     store = tmp_path / "store"
     pre = pngs[39:]
@@ -78,7 +78,7 @@ def test_racing_creators_of_a_new_store_do_not_duplicate(tmp_path: Path) -> None
 def test_merge_on_a_stale_snapshot_is_retried(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The commit race made deterministic: the first merge runs on a snapshot that another writer has
     since advanced, so delta-rs refuses its commit; medvae must re-run the merge, not fail or duplicate."""
-    from medvae.store import Store, lineage
+    from medvae.data.store import Store, lineage
 
     store = Store(tmp_path / "store")
     store.insert_new(_rows(["a", "b", "c"]), lineage("ingest", {}, rows_added=3))
@@ -103,7 +103,7 @@ def test_merge_on_a_stale_snapshot_is_retried(tmp_path: Path, monkeypatch: pytes
 def test_endless_contention_ends_in_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A store that changes under every attempt: a bounded number of retries, then an actionable
     StoreError (not delta-rs's advice to lower the isolation level), and nothing half-written."""
-    from medvae.store import Store, StoreError, lineage
+    from medvae.data.store import Store, StoreError, lineage
 
     store = Store(tmp_path / "store")
     store.insert_new(_rows(["a"]), lineage("ingest", {}, rows_added=1))

@@ -54,7 +54,7 @@ def test_audit_detects_duplicates(tmp_path: Path) -> None:
     import pyarrow as pa
     from deltalake import write_deltalake
 
-    from medvae.store import SCHEMA, Store, empty_rows, lineage, to_arrow
+    from medvae.data.store import SCHEMA, Store, empty_rows, lineage, to_arrow
     from tests.crashkit import audit_store
 
     buf = empty_rows()

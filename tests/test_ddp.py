@@ -25,11 +25,11 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from medvae import distributed
 from medvae.config import IngestConfig, LossConfig, ModelConfig, TrainConfig, load_config
-from medvae.distributed import DistContext
-from medvae.model import ConvVAE
-from medvae.training import CHECKPOINT_NAME, _batches, _resumable_config, load_checkpoint, train_vae
+from medvae.engine import dist as distributed
+from medvae.engine.dist import DistContext
+from medvae.engine.trainer import CHECKPOINT_NAME, _batches, _resumable_config, load_checkpoint, train_vae
+from medvae.vae.model import ConvVAE
 from tests.test_training import _noise
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -348,12 +348,12 @@ SETS = [
 def test_torchrun_two_processes_match_one_and_resume_in_one(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from medvae.artifacts import load_model
     from medvae.cli import app
-    from medvae.ingest import ingest
+    from medvae.data.ingest import ingest
+    from medvae.data.store import Store
+    from medvae.engine.trainer import build_training, evaluate
     from medvae.jobs import load_training_data, train_job
-    from medvae.store import Store
-    from medvae.training import build_training, evaluate
+    from medvae.vae.artifacts import load_model
 
     store = Store(tmp_path / "store")
     ingest([_scans(tmp_path / "src", 80)], store, IngestConfig(size=32, workers=1, intensity="none"))

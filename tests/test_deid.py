@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from medvae.deid import (
+from medvae.data.deid import (
     ALLOWED_META,
     DEFAULT_PATIENT_REGEX,
     allowed_meta,
@@ -46,7 +46,7 @@ def test_split_is_grouped_stable_and_proportional() -> None:
 
 
 def test_redact_config_removes_paths_at_any_depth() -> None:
-    from medvae.deid import redact_config
+    from medvae.data.deid import redact_config
 
     cfg = {
         "sources": ["/data/DOE_JOHN", "/x"],

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from medvae.config import IngestConfig, ModelConfig, TrainConfig
-from medvae.evaluation import (
+from medvae.eval.study import (
     EvaluateConfig,
     binary_metrics,
     check_no_leak,
@@ -191,8 +191,8 @@ def test_evaluate_rejects_an_unknown_normal_label(tmp_path: Path) -> None:
 
 
 def test_evaluate_reads_a_store_version(tmp_path: Path) -> None:
-    from medvae.ingest import ingest
-    from medvae.store import Store
+    from medvae.data.ingest import ingest
+    from medvae.data.store import Store
 
     root = _tiny_folder(tmp_path / "data", n=12)
     store = Store(str(tmp_path / "store"))

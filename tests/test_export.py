@@ -6,9 +6,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from medvae.dataset import StoreDataset
-from medvae.export import export, safe_name
-from medvae.store import Store, empty_rows, lineage, to_arrow
+from medvae.data.dataset import StoreDataset
+from medvae.data.export import export, safe_name
+from medvae.data.store import Store, empty_rows, lineage, to_arrow
 
 
 def _store(tmp_path: Path) -> Store:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from medvae.store import Store
+from medvae.data.store import Store
 
 REPO = Path(__file__).resolve().parents[1]
 

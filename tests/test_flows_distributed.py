@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 from medvae.config import ModelConfig, TrainConfig
+from medvae.data.store import Store
 from medvae.jobs import train_job
-from medvae.store import Store
 
 pytestmark = pytest.mark.integration
 

@@ -1,5 +1,5 @@
-"""Property tests: whatever bytes reach :func:`medvae.readers.decode_bytes`, the only outcomes are decoded
-images (2-D float in ``[0, 1]``, finite) or :class:`~medvae.readers.RejectedInput`.
+"""Property tests: whatever bytes reach :func:`medvae.data.readers.decode_bytes`, the only outcomes
+are decoded images (2-D float in ``[0, 1]``, finite) or :class:`~medvae.data.readers.RejectedInput`.
 
 Cases start from valid DICOM, PNG and JPEG seeds built in ``tests/fuzzgen.py`` and are mutated (bit flips,
 truncations, splices, DICOM attributes set to odd values under right or wrong VRs, PNG chunks rewritten
@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from medvae.config import IngestConfig
-from medvae.readers import decode_bytes
+from medvae.data.readers import decode_bytes
 from tests.fuzzgen import NAMES, Plan, build, check_outcome, mutator_names, seed_indices, seeds
 
 pytestmark = [

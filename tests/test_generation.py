@@ -12,7 +12,7 @@ from PIL import Image
 from pydicom.uid import UID, ExplicitVRLittleEndian, SecondaryCaptureImageStorage
 
 from medvae.config import ModelConfig
-from medvae.generation import (
+from medvae.synth.generation import (
     interpolation_grid,
     nearest_neighbour_distances,
     privacy_filter,
@@ -22,7 +22,7 @@ from medvae.generation import (
     save_grid,
     write_synthetic_dicom,
 )
-from medvae.model import ConvVAE
+from medvae.vae.model import ConvVAE
 
 SIZE = 16
 

@@ -18,11 +18,11 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from medvae.artifacts import WEIGHTS, finalize, save_model_dir
 from medvae.cli import app
 from medvae.config import ModelConfig, TrainConfig
-from medvae.generation import write_synthetic_dicom
-from medvae.model import ConvVAE
+from medvae.synth.generation import write_synthetic_dicom
+from medvae.vae.artifacts import WEIGHTS, finalize, save_model_dir
+from medvae.vae.model import ConvVAE
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

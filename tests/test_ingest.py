@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from medvae.config import IngestConfig
-from medvae.ingest import ingest, iter_files
-from medvae.store import Store, images_from
+from medvae.data.ingest import ingest, iter_files
+from medvae.data.store import Store, images_from
 
 
 def _png(path: Path, seed: int, mode: str = "L", size: tuple[int, int] = (80, 60)) -> Path:
@@ -195,7 +195,7 @@ def test_nih_cxr1000_gives_1000_labelled_rows_and_reingest_adds_none(
 
 
 def test_one_store_holds_one_kind_of_image(tree: Path, tmp_path: Path) -> None:
-    from medvae.store import StoreError
+    from medvae.data.store import StoreError
 
     store = Store(tmp_path / "store")
     ingest([tree / "normal"], store, IngestConfig(workers=1, intensity="clahe"))

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from medvae.config import IngestConfig
-from medvae.ingest import KnownIds, commit_batches, decode_batch, ingest, prepare_batches
-from medvae.staging import staging_uri
-from medvae.store import Store, StoreError
+from medvae.data.ingest import KnownIds, commit_batches, decode_batch, ingest, prepare_batches
+from medvae.data.staging import staging_uri
+from medvae.data.store import Store, StoreError
 from tests.test_ingest import _png
 
 COLUMNS = ["id", "source_id", "patient_key", "pixels", "label", "split", "frame", "modality", "orig_rows"]

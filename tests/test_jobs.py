@@ -9,10 +9,10 @@ import pytest
 from PIL import Image
 
 from medvae.config import IngestConfig, ModelConfig, TrainConfig
-from medvae.deid import keyed_hash
-from medvae.ingest import ingest
+from medvae.data.deid import keyed_hash
+from medvae.data.ingest import ingest
+from medvae.data.store import Store, images_from
 from medvae.jobs import score_images, screen_job, train_job
-from medvae.store import Store, images_from
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

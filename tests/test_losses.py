@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from medvae.config import LossConfig
-from medvae.losses import LossParts, kl_divergence, kl_weight, negative_elbo, reconstruction_nll
-from medvae.model import VAEOutput
+from medvae.vae.losses import LossParts, kl_divergence, kl_weight, negative_elbo, reconstruction_nll
+from medvae.vae.model import VAEOutput
 
 
 def _out(logits: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> VAEOutput:

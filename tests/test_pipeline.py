@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from medvae.cli import app
-from medvae.store import Store
+from medvae.data.store import Store
 
 TINY_TRAIN = {
     "model": {"channels": [8, 16, 32, 32], "latent_dim": 8},

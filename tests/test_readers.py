@@ -1,4 +1,4 @@
-"""Tests for decoding DICOM, PNG and JPEG files into windowed greyscale images (medvae.readers)."""
+"""Tests for decoding DICOM, PNG and JPEG files into windowed greyscale images (medvae.data.readers)."""
 
 from __future__ import annotations
 
@@ -28,9 +28,9 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from medvae import readers
 from medvae.config import IngestConfig
-from medvae.readers import (
+from medvae.data import readers
+from medvae.data.readers import (
     META_KEYS,
     DecodedImage,
     RejectedInput,

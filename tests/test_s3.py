@@ -102,7 +102,7 @@ def test_the_test_server_refuses_a_second_conditional_create(server: S3Server) -
 
 # ------------------------------------------------------------------------------------------ store level
 def test_every_store_operation_on_s3(s3_uri: str, server: S3Server) -> None:
-    from medvae.store import SCHEMA, Store, StoreError, lineage
+    from medvae.data.store import SCHEMA, Store, StoreError, lineage
 
     s = Store(s3_uri)
     assert not s.exists() and s.ids() == set()
@@ -148,7 +148,7 @@ def test_every_store_operation_on_s3(s3_uri: str, server: S3Server) -> None:
 def test_explicit_storage_options_work_without_environment(
     server: S3Server, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from medvae.store import Store, lineage
+    from medvae.data.store import Store, lineage
 
     _clean_aws_env(monkeypatch)
     uri = f"s3://{_bucket(server)}/opts"
@@ -166,7 +166,7 @@ def test_explicit_storage_options_work_without_environment(
 
 
 def test_an_unreachable_bucket_is_a_clear_error(s3_uri: str) -> None:
-    from medvae.store import Store, StoreError, lineage
+    from medvae.data.store import Store, StoreError, lineage
 
     missing = "s3://medvae-no-such-bucket/x"
     for call in (
@@ -183,7 +183,7 @@ def test_an_unreachable_bucket_is_a_clear_error(s3_uri: str) -> None:
 def test_settings_that_would_make_commits_unsafe_are_refused(
     s3_uri: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from medvae.store import Store, StoreError, lineage
+    from medvae.data.store import Store, StoreError, lineage
 
     s = Store(s3_uri)
     s.insert_new(fake_rows(["a"]), lineage("ingest", {}))
@@ -203,7 +203,7 @@ def test_settings_that_would_make_commits_unsafe_are_refused(
 
 
 def test_a_key_copied_from_a_local_store_takes_precedence(s3_uri: str, server: S3Server) -> None:
-    from medvae.store import Store, StoreError
+    from medvae.data.store import Store, StoreError
 
     with pytest.raises(StoreError, match="has no key"):
         Store(s3_uri).key(create=False)
@@ -219,7 +219,7 @@ def test_the_loser_of_the_key_race_uses_the_winners_key(
     s3_uri: str, server: S3Server, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The race made deterministic: a writer that saw no key, lost the create, must read the winner's."""
-    from medvae.store import Store
+    from medvae.data.store import Store
 
     winner = Store(s3_uri).key()
     real = Store._read_key_table
@@ -238,7 +238,7 @@ def test_the_loser_of_the_key_race_uses_the_winners_key(
 
 def test_concurrent_writers_on_s3_lose_and_duplicate_nothing(s3_uri: str, server: S3Server) -> None:
     """Three writers create the same new store (and its key) at once, then three more append to it."""
-    from medvae.store import Store
+    from medvae.data.store import Store
 
     first = [list("abcdefgh"), list("efghijkl"), list("ijklmnop")]
     results = concurrent_inserts(s3_uri, first, timeout=180)  # type: ignore[arg-type]
@@ -284,10 +284,10 @@ def test_ingest_train_augment_export_on_s3(
     s3_uri: str, server: S3Server, shared_data: Path, tmp_path: Path
 ) -> None:
     from medvae.config import AugmentConfig, IngestConfig, ModelConfig, TrainConfig
-    from medvae.export import export
-    from medvae.ingest import ingest
+    from medvae.data.export import export
+    from medvae.data.ingest import ingest
+    from medvae.data.store import Store
     from medvae.jobs import augment_job, train_job
-    from medvae.store import Store
 
     src, good = _sources(shared_data, tmp_path / "src")
     rep = ingest([src], Store(s3_uri), IngestConfig(workers=1))
@@ -335,9 +335,9 @@ def test_batched_ingest_stages_beside_an_s3_store(s3_uri: str, server: S3Server,
     """The task-runner form of ingest keeps its staging files under ``<store>/_medvae/staging/`` on S3
     too, and removes them after the one commit."""
     from medvae.config import IngestConfig
-    from medvae.ingest import commit_batches, decode_batch, prepare_batches
-    from medvae.staging import staging_uri
-    from medvae.store import Store
+    from medvae.data.ingest import commit_batches, decode_batch, prepare_batches
+    from medvae.data.staging import staging_uri
+    from medvae.data.store import Store
 
     rng = np.random.default_rng(3)
     for i in range(5):
@@ -357,8 +357,8 @@ def test_batched_ingest_stages_beside_an_s3_store(s3_uri: str, server: S3Server,
 
 
 def test_export_refuses_a_uri_as_its_folder(tmp_path: Path) -> None:
-    from medvae.export import export
-    from medvae.store import Store
+    from medvae.data.export import export
+    from medvae.data.store import Store
 
     with pytest.raises(ValueError, match="local folder"):
         export(Store(tmp_path / "store"), Path("s3://bucket/exports"))  # Path() folds it to s3:/bucket/...

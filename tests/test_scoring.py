@@ -12,10 +12,7 @@ from PIL import Image
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from medvae.config import ModelConfig
-from medvae.losses import kl_divergence, reconstruction_nll
-from medvae.model import ConvVAE
-from medvae.scoring import (
+from medvae.anomaly.scoring import (
     SCORES,
     Calibration,
     LatentStats,
@@ -30,6 +27,9 @@ from medvae.scoring import (
     screen,
     threshold_at_fpr,
 )
+from medvae.config import ModelConfig
+from medvae.vae.losses import kl_divergence, reconstruction_nll
+from medvae.vae.model import ConvVAE
 
 SIZE = 16
 

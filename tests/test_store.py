@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from medvae.store import (
+from medvae.data.store import (
     SCHEMA,
     Store,
     StoreError,

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from medvae.config import LossConfig, ModelConfig, TrainConfig
-from medvae.training import (
+from medvae.engine.trainer import (
     CHECKPOINT_NAME,
     augment_batch,
     build_training,

@@ -1,11 +1,11 @@
-"""Tests for intensity windowing and geometric normalisation (medvae.transforms)."""
+"""Tests for intensity windowing and geometric normalisation (medvae.data.transforms)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from medvae.transforms import (
+from medvae.data.transforms import (
     area_weights,
     luminance,
     normalise,

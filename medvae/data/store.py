@@ -195,7 +195,7 @@ def lineage(operation: str, config: dict[str, Any], **extra: Any) -> dict[str, A
 
     Paths in the config (sources, label CSVs) are redacted: folder names often carry patient names.
     """
-    from medvae.deid import redact_config
+    from medvae.data.deid import redact_config
 
     return {
         "operation": operation,

@@ -180,7 +180,7 @@ def resize_area(img: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
     what scikit-image does too, but importing ``skimage.transform`` pulls in scipy.ndimage, which cost
     every ingest worker 0.5 s at start-up, a sixth of a whole 5,000-file ingest on two cores. Under
     multi-threaded BLAS on an oversubscribed machine these products were measured 10–50× slower than
-    single-threaded, which is why ingest workers pin BLAS to one thread (see ``medvae.ingest``).
+    single-threaded, which is why ingest workers pin BLAS to one thread (see ``medvae.data.ingest``).
 
     Args:
         img: a 2-D array of any real dtype.

@@ -52,7 +52,7 @@ from pydicom.multival import MultiValue
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, pixel_array
 
 from medvae.config import IngestConfig
-from medvae.transforms import luminance, percentile_window, window
+from medvae.data.transforms import luminance, percentile_window, window
 
 __all__ = [
     "META_KEYS",

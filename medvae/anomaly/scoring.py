@@ -16,8 +16,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from medvae.losses import kl_divergence, reconstruction_nll
-from medvae.model import ConvVAE
+from medvae.vae.losses import kl_divergence, reconstruction_nll
+from medvae.vae.model import ConvVAE
 
 SCORES = ("mahalanobis", "kl", "recon", "elbo")
 
@@ -100,7 +100,7 @@ def resolve_labels(model: ConvVAE, labels: Labels, n: int, default_label: int | 
 
     A CVAE encodes and decodes *given* a label. New scans to screen have no trusted label, so the caller
     names the class to score against (normally the normal class) as ``default_label``; it also fills
-    rows marked unlabelled (negative, as :class:`medvae.dataset.StoreDataset` marks them).
+    rows marked unlabelled (negative, as :class:`medvae.data.dataset.StoreDataset` marks them).
 
     Args:
         model: the VAE.

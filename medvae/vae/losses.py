@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from medvae.config import LossConfig
-from medvae.model import VAEOutput
+from medvae.vae.model import VAEOutput
 
 
 class LossParts(NamedTuple):

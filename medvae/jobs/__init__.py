@@ -14,8 +14,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from medvae.config import AugmentConfig, IngestConfig, ScreenConfig, TrainConfig, to_jsonable
-from medvae.deid import keyed_hash
-from medvae.store import SCHEMA, SCORE_COLUMNS, Store, StoreError, images_from, lineage, to_arrow
+from medvae.data.deid import keyed_hash
+from medvae.data.store import SCHEMA, SCORE_COLUMNS, Store, StoreError, images_from, lineage, to_arrow
 
 MIN_VAL = 8  # fewer held-out images than this cannot calibrate a threshold
 
@@ -92,10 +92,10 @@ def train_job(
     Returns:
         ``{"model_dir", "model_hash", "dataset_version", "best_epoch", "val_loss", "threshold", "device"}``.
     """
-    from medvae import distributed
-    from medvae.artifacts import save_model_dir, write_json, write_tensors
-    from medvae.scoring import calibrate
-    from medvae.training import train_vae
+    from medvae.anomaly.scoring import calibrate
+    from medvae.engine import dist as distributed
+    from medvae.engine.trainer import train_vae
+    from medvae.vae.artifacts import save_model_dir, write_json, write_tensors
 
     store = Store(store_uri)
     with distributed.session(cfg.device) as ddp:
@@ -152,7 +152,7 @@ def train_job(
             cal_json, cal_tensors = cal.to_files()
             write_json(out_dir, "calibration.json", cal_json)
             write_tensors(out_dir, "calibration.safetensors", cal_tensors)
-            from medvae.artifacts import model_hash
+            from medvae.vae.artifacts import model_hash
 
             return {
                 "model_dir": str(out_dir),
@@ -169,8 +169,8 @@ def train_job(
 
 
 def _load(model_dir: Path) -> Any:
-    from medvae.artifacts import load_model, read_json, read_tensors
-    from medvae.scoring import Calibration
+    from medvae.anomaly.scoring import Calibration
+    from medvae.vae.artifacts import load_model, read_json, read_tensors
 
     loaded = load_model(model_dir)
     cal = Calibration.from_files(
@@ -187,7 +187,12 @@ def generate_synthetic(
     Returns:
         The rows to commit (origin synthetic, label, model hash, seed) and the privacy-filter figures.
     """
-    from medvae.generation import privacy_filter, privacy_threshold, sample_images, write_synthetic_dicom
+    from medvae.synth.generation import (
+        privacy_filter,
+        privacy_threshold,
+        sample_images,
+        write_synthetic_dicom,
+    )
 
     loaded, _ = _load(model_dir)
     ds = loaded.meta.get("dataset", {})
@@ -262,7 +267,7 @@ def augment_job(model_dir: Path, store_uri: str, cfg: AugmentConfig) -> dict[str
 
 def pictures_job(model_dir: Path, store_uri: str, out_dir: Path, seed: int = 0) -> list[str]:
     """Write reconstruction, sample and latent-interpolation grids of a model as PNGs."""
-    from medvae.generation import interpolation_grid, reconstruction_grid, sample_images, save_grid
+    from medvae.synth.generation import interpolation_grid, reconstruction_grid, sample_images, save_grid
 
     loaded, _ = _load(model_dir)
     ds = loaded.meta.get("dataset", {})
@@ -292,7 +297,7 @@ def score_images(
     model_dir: Path, images: np.ndarray, labels: np.ndarray | None = None
 ) -> dict[str, np.ndarray]:
     """Every anomaly score, the percentile among held-out normals and the flag, for uint8 images."""
-    from medvae.scoring import screen
+    from medvae.anomaly.scoring import screen
 
     loaded, cal = _load(model_dir)
     if loaded.cfg.model.conditional and labels is None:
@@ -303,7 +308,7 @@ def score_images(
 
 def score_store_rows(model_dir: Path, store_uri: str, version: int | None = None) -> pa.Table:
     """Rows of every real image in a version with their score columns filled, ready to upsert."""
-    from medvae.artifacts import model_hash
+    from medvae.vae.artifacts import model_hash
 
     table = Store(store_uri).read(version, where={"origin": "real"})
     res = score_images(model_dir, images_from(table))
@@ -342,7 +347,7 @@ _SCREEN_SCORES = ("score", "percentile", "flag", "mahalanobis", "recon", "kl", "
 
 def screen_settings(model_dir: Path) -> IngestConfig:
     """The ingest settings that prepared the model's training images: new scans are prepared the same."""
-    from medvae.artifacts import read_json
+    from medvae.vae.artifacts import read_json
 
     settings = (read_json(model_dir, "meta.json").get("dataset") or {}).get("image_settings") or {}
     return IngestConfig(**{k: v for k, v in settings.items() if v is not None})
@@ -362,8 +367,8 @@ def screen_files(
         One record per file, in order (``file``, ``status`` scored/rejected, ``reason``, and the scores of
         the scored ones), and the prepared uint8 images of the scored files, stacked.
     """
-    from medvae.ingest import stored_image
-    from medvae.readers import RejectedInput, decode_file
+    from medvae.data.ingest import stored_image
+    from medvae.data.readers import RejectedInput, decode_file
 
     records: list[dict[str, Any]] = []
     imgs: list[np.ndarray] = []
@@ -390,8 +395,8 @@ def screen_files(
 
 
 def _heatmaps(model_dir: Path, batch: np.ndarray) -> np.ndarray:
-    from medvae.artifacts import load_model
-    from medvae.scoring import heatmaps
+    from medvae.anomaly.scoring import heatmaps
+    from medvae.vae.artifacts import load_model
 
     loaded = load_model(model_dir)
     lab = np.zeros(len(batch), dtype=np.int64) if loaded.cfg.model.conditional else None
@@ -410,7 +415,7 @@ def write_screen_outputs(
     Returns:
         The summary that :func:`screen_job` returns.
     """
-    from medvae.scoring import save_heatmap_pngs
+    from medvae.anomaly.scoring import save_heatmap_pngs
 
     scored = [r for r in records if r["status"] == "scored"]
     rejected = [r for r in records if r["status"] != "scored"]
@@ -461,7 +466,7 @@ def screen_job(
 
     Files that cannot be read are listed with their reason; they never stop the batch.
     """
-    from medvae.ingest import iter_files
+    from medvae.data.ingest import iter_files
 
     icfg = ingest_cfg if ingest_cfg is not None else screen_settings(model_dir)
     _ = screen_cfg or ScreenConfig()
@@ -480,8 +485,8 @@ def prepare_screen_batches(sources: Sequence[Path], staging: str, batch_files: i
     """
     import json
 
-    from medvae.ingest import iter_files
-    from medvae.staging import write_bytes
+    from medvae.data.ingest import iter_files
+    from medvae.data.staging import write_bytes
 
     entries = [
         [slot, str(p), os.path.abspath(p), err] for slot, (p, err) in enumerate(iter_files(list(sources)))
@@ -503,7 +508,7 @@ def screen_batch(model_dir: Path, staging: str, index: int, heatmaps: bool) -> d
     import io
     import json
 
-    from medvae.staging import read_bytes, write_bytes
+    from medvae.data.staging import read_bytes, write_bytes
 
     entries = json.loads(read_bytes(f"{staging}/batch-{index:06d}.json"))
     records, batch = screen_files(model_dir, [(e[2], e[3]) for e in entries], screen_settings(model_dir))
@@ -530,7 +535,7 @@ def merge_screen(
     import io
     import json
 
-    from medvae.staging import read_bytes, remove_tree
+    from medvae.data.staging import read_bytes, remove_tree
 
     plan = json.loads(read_bytes(f"{staging}/plan.json"))
     records: list[dict[str, Any]] = []

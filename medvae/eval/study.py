@@ -22,10 +22,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
+from medvae.anomaly.scoring import SCORES
 from medvae.config import IngestConfig, Intensity, LossConfig, ModelConfig, TrainConfig, to_jsonable
-from medvae.deid import patient_from_name
-from medvae.model import ConvVAE
-from medvae.scoring import SCORES
+from medvae.data.deid import patient_from_name
+from medvae.vae.model import ConvVAE
 
 _IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".dcm", ".dicom"})
 _CACHE_FORMAT = "medvae.eval-cache/1"
@@ -146,8 +146,8 @@ def _limit_threads() -> None:
 
 
 def _decode_one(job: tuple[str, str]) -> tuple[np.ndarray | None, str | None]:
-    from medvae.readers import RejectedInput, decode_file
-    from medvae.transforms import normalise
+    from medvae.data.readers import RejectedInput, decode_file
+    from medvae.data.transforms import normalise
 
     path_s, cfg_json = job
     cfg = IngestConfig.model_validate_json(cfg_json)
@@ -194,9 +194,10 @@ def load_image_folder(
 ) -> tuple[LabelledImages, list[tuple[str, str]]]:
     """Decode and normalise every image of an ImageFolder tree in parallel, exactly as ingest would.
 
-    Each file goes through :func:`medvae.readers.decode_file` and :func:`medvae.transforms.normalise`
-    with ``ingest_cfg``. The patient comes from the file name with ``ingest_cfg.patient_regex``
-    (:func:`medvae.deid.patient_from_name`); a file without a match is its own group.
+    Each file goes through :func:`medvae.data.readers.decode_file` and
+    :func:`medvae.data.transforms.normalise` with ``ingest_cfg``. The patient comes from the file name
+    with ``ingest_cfg.patient_regex`` (:func:`medvae.data.deid.patient_from_name`); a file without a
+    match is its own group.
 
     Args:
         root: the folder; labels are parent folder names.
@@ -252,7 +253,7 @@ def load_store(uri: str, version: int | None = None) -> LabelledImages:
     Returns:
         The images; rows without a label are left out, rows without a patient key are their own group.
     """
-    from medvae.store import Store, images_from
+    from medvae.data.store import Store, images_from
 
     table = Store(uri).read(version, where={"origin": "real"})
     labels = table.column("label").to_pylist()
@@ -277,7 +278,7 @@ def stored_intensity(uri: str) -> str:
     Raises:
         StoreError: when versions were ingested with different settings (their images do not compare).
     """
-    from medvae.store import Store
+    from medvae.data.store import Store
 
     settings = Store(uri).image_settings()
     return str(settings["intensity"]) if settings else "none"
@@ -316,7 +317,7 @@ def load_dataset(
     Raises:
         FileNotFoundError: when the source is neither a store nor a folder.
     """
-    from medvae.store import Store
+    from medvae.data.store import Store
 
     if Store(str(source)).exists():
         data = load_store(str(source), store_version)
@@ -351,7 +352,7 @@ def load_dataset(
 
 
 def standardise_intensity(images: np.ndarray, method: Intensity, clip_limit: float = 0.01) -> np.ndarray:
-    """:func:`medvae.transforms.standardise_intensity` over a uint8 (N, H, W) batch.
+    """:func:`medvae.data.transforms.standardise_intensity` over a uint8 (N, H, W) batch.
 
     Returns:
         uint8 (N, H, W); the input itself for ``"none"``.
@@ -359,7 +360,7 @@ def standardise_intensity(images: np.ndarray, method: Intensity, clip_limit: flo
     Raises:
         ValueError: for an unknown method.
     """
-    from medvae.transforms import standardise_intensity as one
+    from medvae.data.transforms import standardise_intensity as one
 
     if method == "none" or len(images) == 0:
         return images
@@ -547,9 +548,9 @@ def posterior_params(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Posterior means and log-variances (float64) of an unconditional VAE, in eval mode.
 
-    Proposed for medvae.scoring beside ``posterior_means``.
+    Proposed for medvae.anomaly.scoring beside ``posterior_means``.
     """
-    from medvae.scoring import as_float_batch, eval_mode, model_device
+    from medvae.anomaly.scoring import as_float_batch, eval_mode, model_device
 
     dev = model_device(model, device)
     mus: list[np.ndarray] = [np.zeros((0, model.latent_dim))]
@@ -568,9 +569,9 @@ def mahalanobis_mu_logvar(
     """Mahalanobis distance of ``[μ, log σ²]`` from the training normals' Ledoit-Wolf reference.
 
     The posterior variance says how confidently the encoder places an image; unusual images get unusual
-    variances as well as unusual means. Proposed for medvae.scoring as a further latent score.
+    variances as well as unusual means. Proposed for medvae.anomaly.scoring as a further latent score.
     """
-    from medvae.scoring import LatentStats, _precision, ledoit_wolf, mahalanobis
+    from medvae.anomaly.scoring import LatentStats, _precision, ledoit_wolf, mahalanobis
 
     feats_tr = np.concatenate([train_mu, train_logvar], axis=1)
     mean, cov, shrink = ledoit_wolf(feats_tr)
@@ -583,7 +584,7 @@ def combined_zscore(
 ) -> np.ndarray:
     """Sum of scores, each z-scored by the mean and sd of the same score on held-out normals.
 
-    Proposed for medvae.scoring: a combination that needs no labelled abnormal data.
+    Proposed for medvae.anomaly.scoring: a combination that needs no labelled abnormal data.
     """
     total = np.zeros_like(np.asarray(scores[names[0]], dtype=np.float64))
     for n in names:
@@ -636,9 +637,9 @@ def _anomaly_seed(
     """Train the anomaly VAE on normal training images, score the test split, measure fidelity."""
     from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-    from medvae.generation import interpolation_grid, reconstruction_grid, sample_images, save_grid
-    from medvae.scoring import calibrate, screen, to_uint8
-    from medvae.training import train_vae
+    from medvae.anomaly.scoring import calibrate, screen, to_uint8
+    from medvae.engine.trainer import train_vae
+    from medvae.synth.generation import interpolation_grid, reconstruction_grid, sample_images, save_grid
 
     tcfg = _with_seed_device(cfg.anomaly, seed, device, conditional=False, num_classes=0)
     t0 = time.perf_counter()
@@ -690,7 +691,7 @@ def _anomaly_seed(
     # Fidelity: reconstructions of held-out normals from the posterior mean.
     normals = x[sp.test[y == 0]]
     with torch.no_grad():
-        from medvae.scoring import as_float_batch, eval_mode
+        from medvae.anomaly.scoring import as_float_batch, eval_mode
 
         dev = next(model.parameters()).device
         recs: list[np.ndarray] = []
@@ -741,15 +742,15 @@ def _utility_seed(
     progress: bool,
 ) -> dict[str, Any]:
     """Real-only, real + synthetic and synthetic-only classifiers at each label fraction, and privacy."""
-    from medvae.classifier import predict_proba, train_classifier
-    from medvae.generation import (
+    from medvae.engine.trainer import train_vae
+    from medvae.eval.classifier import predict_proba, train_classifier
+    from medvae.synth.generation import (
         nearest_neighbour_distances,
         privacy_filter,
         privacy_threshold,
         sample_images,
         save_grid,
     )
-    from medvae.training import train_vae
 
     test_idx = sp.test
     y_test = y01[test_idx]
@@ -1132,7 +1133,7 @@ def evaluate(
     * **Fidelity**: SSIM and PSNR of posterior-mean reconstructions of the normal test images; picture
       grids of real, reconstructed, sampled and interpolated images (first seed).
     * **Utility**: a conditional VAE trained on the labelled training images (all, and a patient-grouped
-      fraction) makes synthetic images; the fixed :mod:`medvae.classifier` CNN is trained on real,
+      fraction) makes synthetic images; the fixed :mod:`medvae.eval.classifier` CNN is trained on real,
       real + synthetic and synthetic only, and tested on the real test split.
     * **Privacy**: nearest-neighbour distances of synthetic and of held-out real images to the training
       images, and the share of near copies before and after the privacy filter.
@@ -1152,7 +1153,7 @@ def evaluate(
         ValueError: when the normal label is missing, there is no abnormal image, or a split is empty.
         FileNotFoundError: when the source is neither a store nor a folder.
     """
-    from medvae.training import select_device
+    from medvae.engine.trainer import select_device
 
     t_start = time.perf_counter()
     out_dir = Path(out_dir)

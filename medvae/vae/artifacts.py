@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 import medvae
 from medvae.config import TrainConfig
-from medvae.model import ConvVAE
+from medvae.vae.model import ConvVAE
 
 WEIGHTS = "weights.safetensors"
 CONFIG = "config.json"

@@ -17,13 +17,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from medvae.config import IngestConfig, to_jsonable
-from medvae.deid import allowed_meta, keyed_hash, patient_from_name, split_for
-from medvae.staging import read_bytes, remove_tree, write_bytes
+from medvae.data.deid import allowed_meta, keyed_hash, patient_from_name, split_for
+from medvae.data.staging import read_bytes, remove_tree, write_bytes
 
 if TYPE_CHECKING:  # the store pulls in deltalake and pyarrow, which spawned decoder workers never need
     import pyarrow as pa
 
-    from medvae.store import Store
+    from medvae.data.store import Store
 
 INGESTED, REJECTED, SKIPPED = "ingested", "rejected", "skipped"
 
@@ -160,13 +160,13 @@ def stored_image(img01: np.ndarray, cfg: IngestConfig) -> np.ndarray:
     prepared exactly as the training images were.
 
     Args:
-        img01: a 2-D float image in ``[0, 1]`` from :mod:`medvae.readers`.
+        img01: a 2-D float image in ``[0, 1]`` from :mod:`medvae.data.readers`.
         cfg: the ingest settings (size, aspect policy, intensity standardisation).
 
     Returns:
         A uint8 array of shape ``(cfg.size, cfg.size)``.
     """
-    from medvae.transforms import normalise, standardise_intensity
+    from medvae.data.transforms import normalise, standardise_intensity
 
     return standardise_intensity(normalise(img01, cfg.size, cfg.aspect), cfg.intensity, cfg.clahe_clip_limit)
 
@@ -186,7 +186,7 @@ def decode_one(job: tuple[str, str | None], ctx: DecodeContext) -> FileResult:
     Returns:
         The file's result; its rows hold the pixels when it was ingested.
     """
-    from medvae.readers import RejectedInput, decode_bytes
+    from medvae.data.readers import RejectedInput, decode_bytes
 
     path_s, label = job
     cfg, key = ctx.cfg, ctx.key
@@ -322,7 +322,7 @@ def plan_ingest(sources: Sequence[Path], store: Store, cfg: IngestConfig) -> Ing
     Raises:
         StoreError: when the store holds images made with other image settings, or cannot be read.
     """
-    from medvae.store import StoreError, image_settings_of
+    from medvae.data.store import StoreError, image_settings_of
 
     csv_labels = read_labels_csv(cfg.labels_csv) if cfg.labels_csv else None
     walked = list(iter_files(sources))
@@ -413,7 +413,7 @@ def commit_ingest(
     """
     import pyarrow as pa
 
-    from medvae.store import SCHEMA, StoreError, empty_rows, lineage, to_arrow
+    from medvae.data.store import SCHEMA, StoreError, empty_rows, lineage, to_arrow
 
     seen_ids: set[str] = set()
     for r in results:
@@ -578,7 +578,7 @@ def decode_batch(staging: str, index: int, store: Store, cfg: IngestConfig) -> d
     """
     from threadpoolctl import threadpool_limits
 
-    from medvae.store import empty_rows, to_arrow
+    from medvae.data.store import empty_rows, to_arrow
 
     batch = json.loads(read_bytes(f"{staging}/batch-{index:06d}.json"))
     entries = batch["files"]
@@ -636,7 +636,7 @@ def commit_batches(
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from medvae.store import StoreError
+    from medvae.data.store import StoreError
 
     plan = json.loads(read_bytes(f"{staging}/{PLAN_FILE}"))
     results: list[FileResult | None] = [None] * int(plan["files"])

@@ -21,11 +21,11 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import Tensor, nn
 
-from medvae import distributed
 from medvae.config import LossConfig, TrainConfig
-from medvae.distributed import DistContext
-from medvae.losses import LossParts, kl_weight, negative_elbo
-from medvae.model import ConvVAE
+from medvae.engine import dist as distributed
+from medvae.engine.dist import DistContext
+from medvae.vae.losses import LossParts, kl_weight, negative_elbo
+from medvae.vae.model import ConvVAE
 
 CHECKPOINT_NAME = "checkpoint.pt"
 _CHECKPOINT_FORMAT = "medvae-train-checkpoint"
@@ -378,7 +378,7 @@ def run_epoch_sharded(
     """One epoch of one rank in multi-process (DDP) training; the totals are global.
 
     Every rank draws the same permutation from ``generator`` (seeded by (seed, epoch), as one process
-    does) and takes its slice of every global batch (:func:`medvae.distributed.epoch_shard`). Only that
+    does) and takes its slice of every global batch (:func:`medvae.engine.dist.epoch_shard`). Only that
     shard is copied to the device, once per epoch. The reparameterisation noise and the augmentation
     come from per-rank streams reseeded from (seed, epoch, rank), so ranks draw different noise and a
     resumed run at the same world size repeats the uninterrupted one.
@@ -454,7 +454,7 @@ def evaluate_sharded(
 ) -> EpochTotals:
     """:func:`evaluate` over all ranks: each evaluates its shard of the validation set, sums are all-reduced.
 
-    The ranks' BatchNorm running statistics are averaged first (:func:`medvae.distributed.average_buffers`),
+    The ranks' BatchNorm running statistics are averaged first (:func:`medvae.engine.dist.average_buffers`),
     so every rank evaluates, and later saves, the same model, and early stopping decides the same on all.
 
     Args:
@@ -716,7 +716,7 @@ def train_vae(
     which draws the reparameterisation noise, is restored). When there is no checkpoint yet it starts
     from scratch. The global RNGs are seeded with ``cfg.seed`` (:func:`seed_everything`).
 
-    Inside a process group of several processes (torchrun, see :mod:`medvae.distributed`) it trains
+    Inside a process group of several processes (torchrun, see :mod:`medvae.engine.dist`) it trains
     with DistributedDataParallel: the global batch stays ``cfg.batch_size``, each rank moves only its
     shard of each epoch's permutation to its device, validation is sharded and all-reduced, so the
     history and every early-stopping decision are global and identical on all ranks, and rank 0 alone

@@ -14,8 +14,7 @@ import torch
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
-from medvae.model import ConvVAE
-from medvae.scoring import (
+from medvae.anomaly.scoring import (
     Device,
     ImageBatch,
     Labels,
@@ -26,6 +25,7 @@ from medvae.scoring import (
     to_uint8,
     write_png,
 )
+from medvae.vae.model import ConvVAE
 
 # --------------------------------------------------------------------------------------------------------
 # Sampling
@@ -403,7 +403,7 @@ def reconstruction_grid(
 
     Args:
         model: the VAE.
-        images: see :func:`medvae.scoring.as_float_batch`.
+        images: see :func:`medvae.anomaly.scoring.as_float_batch`.
         path: the PNG to write.
         labels: label indices for a conditional model.
         n: how many images to show.

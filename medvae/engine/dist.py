@@ -77,7 +77,7 @@ def current() -> DistContext | None:
 
 
 def _device_type(requested: str) -> str:
-    # Mirrors medvae.training.select_device without importing it (training imports this module). A
+    # Mirrors medvae.engine.trainer.select_device without importing it (training imports this module). A
     # "cuda" request without a GPU gets gloo here and select_device's clear error a moment later.
     if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
         return "cuda" if torch.cuda.is_available() else "cpu"

@@ -13,7 +13,7 @@ from medvae.config import ModelConfig
 
 
 class VAEOutput(NamedTuple):
-    """What one forward pass returns; losses are computed apart from the model (see ``medvae.losses``)."""
+    """What one forward pass returns; losses are computed apart from the model (see ``medvae.vae.losses``)."""
 
     recon: torch.Tensor  # sigmoid output in [0, 1], shape (N, 1, H, W)
     logits: torch.Tensor  # pre-sigmoid decoder output; BCE on logits is stable and autocast-safe

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from medvae.store import Store, images_from
+from medvae.data.store import Store, images_from
 
 
 class StoreDataset(Dataset[tuple[torch.Tensor, int]]):

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from medvae.store import Store, images_from
+from medvae.data.store import Store, images_from
 
 MANIFEST_COLUMNS = ("id", "label", "origin", "split", "anomaly_score", "anomaly_flag", "path")
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
