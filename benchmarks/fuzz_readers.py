@@ -6,7 +6,7 @@ Usage: python benchmarks/fuzz_readers.py [--cases 10000] [--seed 0] [--show 5]
 
 Each case starts from a valid seed file and stacks one to three mutations (bit flips, truncations,
 splices, DICOM attributes set to odd values under right or wrong VRs, PNG chunks rewritten with valid
-CRCs, lying file names), drawn from ``tests/fuzzgen.py``, the generators ``tests/test_fuzz.py`` uses for
+CRCs, lying file names), drawn from ``tests/fuzzgen.py``, the generators ``tests/data/test_fuzz.py`` uses for
 its bounded run. The only allowed outcomes are decoded images (2-D float in ``[0, 1]``, finite) or
 ``RejectedInput``. The campaign counts the cases where an exception other than ``RejectedInput``
 escaped, and the cases where a decoded image broke an invariant, prints the first few distinct failures

@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 
 REPO = Path(__file__).resolve().parents[1]
-# The tiny model of tests/test_pipeline.py; patience above the epoch count so that every run trains all
+# The tiny model of tests/flows/test_pipeline.py; patience above the epoch count so that every run trains all
 # epochs and a resumed history can be compared epoch by epoch with an uninterrupted one.
 TINY_TRAIN = [
     "--set",

@@ -8,7 +8,7 @@ import pytest
 
 from medvae.data.store import Store
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.integration

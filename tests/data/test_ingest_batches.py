@@ -13,7 +13,7 @@ from medvae.config import IngestConfig
 from medvae.data.ingest import KnownIds, commit_batches, decode_batch, ingest, prepare_batches
 from medvae.data.staging import staging_uri
 from medvae.data.store import Store, StoreError
-from tests.test_ingest import _png
+from tests.data.test_ingest import _png
 
 COLUMNS = ["id", "source_id", "patient_key", "pixels", "label", "split", "frame", "modality", "orig_rows"]
 

@@ -30,7 +30,7 @@ from medvae.engine import dist as distributed
 from medvae.engine.dist import DistContext
 from medvae.engine.trainer import CHECKPOINT_NAME, _batches, _resumable_config, load_checkpoint, train_vae
 from medvae.vae.model import ConvVAE
-from tests.test_training import _noise
+from tests.engine.test_trainer import _noise
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

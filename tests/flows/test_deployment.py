@@ -13,7 +13,7 @@ import yaml
 
 from medvae.config import PipelineConfig
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 FLOW_MODULES = ["flows.ingest", "flows.train", "flows.augment", "flows.screen", "flows.pipeline"]
 
 

@@ -40,7 +40,7 @@ from medvae.data.readers import (
 )
 
 CFG = IngestConfig()
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "data" / "dicom_fixtures"
+FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "data" / "dicom_fixtures"
 FIXTURES_TSV = FIXTURES / "FIXTURES.tsv"
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom warns about odd-but-legal values
