@@ -1,7 +1,7 @@
 """Generators of hostile DICOM, PNG and JPEG bytes for fuzzing :func:`medvae.data.readers.decode_bytes`.
 
-Shared by ``tests/data/test_fuzz.py`` (a bounded hypothesis run in CI) and ``benchmarks/fuzz_readers.py`` (a long
-campaign), so that a failure found by either is reproduced by the other from the same plan.
+Shared by ``tests/data/test_fuzz.py`` (a bounded hypothesis run in CI) and ``benchmarks/fuzz_readers.py``
+(a long campaign), so that a failure found by either is reproduced by the other from the same plan.
 
 A case is described by a :class:`Plan`: which valid seed file to start from, and a list of mutations, each
 named and carrying its own integer seed. :func:`build` turns a plan into bytes deterministically, so a plan
