@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from medvae.cli import app
 from medvae.config import ModelConfig, TrainConfig
-from medvae.synth.generation import write_synthetic_dicom
+from medvae.synth.dicom import write_synthetic_dicom
 from medvae.vae.artifacts import WEIGHTS, finalize, save_model_dir
 from medvae.vae.model import ConvVAE
 

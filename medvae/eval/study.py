@@ -22,7 +22,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
-from medvae.anomaly.scoring import SCORES
+from medvae.anomaly.stats import SCORES
 from medvae.config import IngestConfig, Intensity, LossConfig, ModelConfig, TrainConfig, to_jsonable
 from medvae.data.deid import patient_from_name
 from medvae.vae.model import ConvVAE
@@ -550,7 +550,7 @@ def posterior_params(
 
     Proposed for medvae.anomaly.scoring beside ``posterior_means``.
     """
-    from medvae.anomaly.scoring import as_float_batch, eval_mode, model_device
+    from medvae.engine.inference import as_float_batch, eval_mode, model_device
 
     dev = model_device(model, device)
     mus: list[np.ndarray] = [np.zeros((0, model.latent_dim))]
@@ -571,7 +571,8 @@ def mahalanobis_mu_logvar(
     The posterior variance says how confidently the encoder places an image; unusual images get unusual
     variances as well as unusual means. Proposed for medvae.anomaly.scoring as a further latent score.
     """
-    from medvae.anomaly.scoring import LatentStats, _precision, ledoit_wolf, mahalanobis
+    from medvae.anomaly.stats import LatentStats, ledoit_wolf, mahalanobis
+    from medvae.anomaly.stats import precision_from_cov as _precision
 
     feats_tr = np.concatenate([train_mu, train_logvar], axis=1)
     mean, cov, shrink = ledoit_wolf(feats_tr)
@@ -637,9 +638,11 @@ def _anomaly_seed(
     """Train the anomaly VAE on normal training images, score the test split, measure fidelity."""
     from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-    from medvae.anomaly.scoring import calibrate, screen, to_uint8
+    from medvae.anomaly.calibration import calibrate, screen
+    from medvae.engine.inference import to_uint8
     from medvae.engine.trainer import train_vae
-    from medvae.synth.generation import interpolation_grid, reconstruction_grid, sample_images, save_grid
+    from medvae.synth.pictures import interpolation_grid, reconstruction_grid, save_grid
+    from medvae.synth.sample import sample_images
 
     tcfg = _with_seed_device(cfg.anomaly, seed, device, conditional=False, num_classes=0)
     t0 = time.perf_counter()
@@ -691,7 +694,7 @@ def _anomaly_seed(
     # Fidelity: reconstructions of held-out normals from the posterior mean.
     normals = x[sp.test[y == 0]]
     with torch.no_grad():
-        from medvae.anomaly.scoring import as_float_batch, eval_mode
+        from medvae.engine.inference import as_float_batch, eval_mode
 
         dev = next(model.parameters()).device
         recs: list[np.ndarray] = []
@@ -744,13 +747,9 @@ def _utility_seed(
     """Real-only, real + synthetic and synthetic-only classifiers at each label fraction, and privacy."""
     from medvae.engine.trainer import train_vae
     from medvae.eval.classifier import predict_proba, train_classifier
-    from medvae.synth.generation import (
-        nearest_neighbour_distances,
-        privacy_filter,
-        privacy_threshold,
-        sample_images,
-        save_grid,
-    )
+    from medvae.synth.pictures import save_grid
+    from medvae.synth.privacy import nearest_neighbour_distances, privacy_filter, privacy_threshold
+    from medvae.synth.sample import sample_images
 
     test_idx = sp.test
     y_test = y01[test_idx]

@@ -92,7 +92,7 @@ def train_job(
     Returns:
         ``{"model_dir", "model_hash", "dataset_version", "best_epoch", "val_loss", "threshold", "device"}``.
     """
-    from medvae.anomaly.scoring import calibrate
+    from medvae.anomaly.calibration import calibrate
     from medvae.engine import dist as distributed
     from medvae.engine.trainer import train_vae
     from medvae.vae.artifacts import save_model_dir, write_json, write_tensors
@@ -169,7 +169,7 @@ def train_job(
 
 
 def _load(model_dir: Path) -> Any:
-    from medvae.anomaly.scoring import Calibration
+    from medvae.anomaly.calibration import Calibration
     from medvae.vae.artifacts import load_model, read_json, read_tensors
 
     loaded = load_model(model_dir)
@@ -187,12 +187,9 @@ def generate_synthetic(
     Returns:
         The rows to commit (origin synthetic, label, model hash, seed) and the privacy-filter figures.
     """
-    from medvae.synth.generation import (
-        privacy_filter,
-        privacy_threshold,
-        sample_images,
-        write_synthetic_dicom,
-    )
+    from medvae.synth.dicom import write_synthetic_dicom
+    from medvae.synth.privacy import privacy_filter, privacy_threshold
+    from medvae.synth.sample import sample_images
 
     loaded, _ = _load(model_dir)
     ds = loaded.meta.get("dataset", {})
@@ -267,7 +264,8 @@ def augment_job(model_dir: Path, store_uri: str, cfg: AugmentConfig) -> dict[str
 
 def pictures_job(model_dir: Path, store_uri: str, out_dir: Path, seed: int = 0) -> list[str]:
     """Write reconstruction, sample and latent-interpolation grids of a model as PNGs."""
-    from medvae.synth.generation import interpolation_grid, reconstruction_grid, sample_images, save_grid
+    from medvae.synth.pictures import interpolation_grid, reconstruction_grid, save_grid
+    from medvae.synth.sample import sample_images
 
     loaded, _ = _load(model_dir)
     ds = loaded.meta.get("dataset", {})
@@ -297,7 +295,7 @@ def score_images(
     model_dir: Path, images: np.ndarray, labels: np.ndarray | None = None
 ) -> dict[str, np.ndarray]:
     """Every anomaly score, the percentile among held-out normals and the flag, for uint8 images."""
-    from medvae.anomaly.scoring import screen
+    from medvae.anomaly.calibration import screen
 
     loaded, cal = _load(model_dir)
     if loaded.cfg.model.conditional and labels is None:
@@ -395,7 +393,7 @@ def screen_files(
 
 
 def _heatmaps(model_dir: Path, batch: np.ndarray) -> np.ndarray:
-    from medvae.anomaly.scoring import heatmaps
+    from medvae.anomaly.heatmaps import heatmaps
     from medvae.vae.artifacts import load_model
 
     loaded = load_model(model_dir)
@@ -415,7 +413,7 @@ def write_screen_outputs(
     Returns:
         The summary that :func:`screen_job` returns.
     """
-    from medvae.anomaly.scoring import save_heatmap_pngs
+    from medvae.anomaly.heatmaps import save_heatmap_pngs
 
     scored = [r for r in records if r["status"] == "scored"]
     rejected = [r for r in records if r["status"] != "scored"]

@@ -12,22 +12,17 @@ from PIL import Image
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from medvae.anomaly.scoring import (
-    SCORES,
+from medvae.anomaly.calibration import (
     Calibration,
-    LatentStats,
-    as_float_batch,
     calibrate,
-    fit_latent_stats,
-    heatmaps,
-    ledoit_wolf,
     percentile_among_normals,
-    save_heatmap_pngs,
-    score_batch,
     screen,
     threshold_at_fpr,
 )
+from medvae.anomaly.heatmaps import heatmaps, save_heatmap_pngs
+from medvae.anomaly.stats import SCORES, LatentStats, fit_latent_stats, ledoit_wolf, score_batch
 from medvae.config import ModelConfig
+from medvae.engine.inference import as_float_batch
 from medvae.vae.losses import kl_divergence, reconstruction_nll
 from medvae.vae.model import ConvVAE
 

@@ -12,16 +12,10 @@ from PIL import Image
 from pydicom.uid import UID, ExplicitVRLittleEndian, SecondaryCaptureImageStorage
 
 from medvae.config import ModelConfig
-from medvae.synth.generation import (
-    interpolation_grid,
-    nearest_neighbour_distances,
-    privacy_filter,
-    privacy_threshold,
-    reconstruction_grid,
-    sample_images,
-    save_grid,
-    write_synthetic_dicom,
-)
+from medvae.synth.dicom import write_synthetic_dicom
+from medvae.synth.pictures import interpolation_grid, reconstruction_grid, save_grid
+from medvae.synth.privacy import nearest_neighbour_distances, privacy_filter, privacy_threshold
+from medvae.synth.sample import sample_images
 from medvae.vae.model import ConvVAE
 
 SIZE = 16

@@ -1,0 +1,94 @@
+"""Small I/O helpers shared by every stage: atomic writes (with fsync) and safe file names."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def atomic_write_bytes(path: Path, data: bytes, *, mode: int | None = None) -> Path:
+    """Write ``data`` to ``path`` atomically: a temporary file beside it, fsync, rename, fsync the folder.
+
+    A reader (or a crash) sees the old file or the new one, whole, never half of it.
+
+    Args:
+        path: the destination; its folder is created if needed.
+        data: the bytes.
+        mode: file permissions to set before the rename (e.g. 0o644); None keeps mkstemp's 0o600.
+
+    Returns:
+        ``path``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if mode is not None:
+            os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+    return path
+
+
+def fsync_dir(folder: Path) -> None:
+    """Persist a rename in ``folder`` itself (not possible on every platform; best effort)."""
+    with contextlib.suppress(OSError):
+        dfd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+def atomic_write_text(path: Path, text: str) -> Path:
+    """:func:`atomic_write_bytes` of UTF-8 text."""
+    return atomic_write_bytes(path, text.encode("utf-8"), mode=0o644)
+
+
+def json_bytes(obj: Any) -> bytes:
+    """Canonical JSON (sorted keys, indented, trailing newline): the same object gives the same bytes."""
+    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8")
+
+
+def atomic_write_json(path: Path, obj: Any) -> Path:
+    """:func:`atomic_write_bytes` of :func:`json_bytes`."""
+    return atomic_write_bytes(path, json_bytes(obj), mode=0o644)
+
+
+def write_png(image: np.ndarray, path: Path) -> Path:
+    """Write a uint8 (H, W) or (H, W, 3) array as a PNG, atomically."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(image)).save(buf, format="PNG")
+    return atomic_write_bytes(Path(path), buf.getvalue(), mode=0o644)
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def safe_name(text: str | None, fallback: str, max_len: int = 100) -> str:
+    """A file-system-safe single path component of [A-Za-z0-9._-]: no separator, no leading dot, never empty.
+
+    Labels and ids come from folder names and CSVs medvae does not control, so they must not be able to
+    point a file outside its folder or hide it.
+    """
+    name = _UNSAFE.sub("_", text or "").strip("._")
+    return name[:max_len] or fallback

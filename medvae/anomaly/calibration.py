@@ -1,0 +1,246 @@
+"""Anomaly thresholds calibrated on held-out normal images, percentiles among normals, and screening."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from medvae.anomaly.stats import SCORES, LatentStats, fit_latent_stats, score_batch
+from medvae.engine.inference import Device, ImageBatch, Labels
+from medvae.vae.model import ConvVAE
+
+_CALIBRATION_FORMAT = "medvae.calibration/1"
+
+
+@dataclass(eq=False)
+class Calibration:
+    """An anomaly threshold calibrated on held-out normal images.
+
+    Attributes:
+        score: the primary score, one of :data:`SCORES`.
+        threshold: images with ``score > threshold`` are flagged.
+        fpr: the target false-positive rate on normals.
+        normal_scores: the held-out normal images' primary scores, sorted ascending (for percentiles).
+        stats: the latent reference the Mahalanobis score needs.
+        n_val: how many held-out normals the threshold came from.
+        recon_kind: the reconstruction likelihood the recon/elbo scores were computed with.
+        default_label: for a conditional model, the label index new scans are scored against.
+    """
+
+    score: str
+    threshold: float
+    fpr: float
+    normal_scores: np.ndarray
+    stats: LatentStats
+    n_val: int
+    recon_kind: Literal["bce", "mse"] = "bce"
+    default_label: int | None = None
+
+    def to_files(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """Split into JSON metadata and float64 tensors (e.g. calibration.json + calibration.safetensors).
+
+        Returns:
+            ``(metadata, tensors)``: plain JSON types, and contiguous CPU tensors that own their memory.
+        """
+        meta: dict[str, Any] = {
+            "format": _CALIBRATION_FORMAT,
+            "score": self.score,
+            "threshold": float(self.threshold),
+            "fpr": float(self.fpr),
+            "n_val": int(self.n_val),
+            "recon_kind": self.recon_kind,
+            "default_label": None if self.default_label is None else int(self.default_label),
+            "latent_dim": int(self.stats.mean.shape[0]),
+            "shrinkage": float(self.stats.shrinkage),
+            "n_train": int(self.stats.n_images),
+        }
+
+        def t(a: np.ndarray) -> torch.Tensor:
+            # clone(): the tensors must not alias this object's arrays, or saving code could mutate them.
+            return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float64)).clone()
+
+        tensors = {
+            "normal_scores": t(self.normal_scores),
+            "stats_mean": t(self.stats.mean),
+            "stats_precision": t(self.stats.precision),
+        }
+        return meta, tensors
+
+    @classmethod
+    def from_files(cls, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Calibration:
+        """Rebuild a calibration from the output of :meth:`to_files`.
+
+        Raises:
+            ValueError: for an unknown format, a missing tensor or inconsistent shapes.
+        """
+        if meta.get("format") != _CALIBRATION_FORMAT:
+            raise ValueError(f"not a {_CALIBRATION_FORMAT} calibration: format={meta.get('format')!r}")
+        missing = {"normal_scores", "stats_mean", "stats_precision"} - set(tensors)
+        if missing:
+            raise ValueError(f"calibration tensors missing: {sorted(missing)}")
+
+        def a(name: str) -> np.ndarray:
+            return np.asarray(tensors[name].detach().cpu().to(torch.float64).numpy(), dtype=np.float64).copy()
+
+        mean, precision, normal = a("stats_mean"), a("stats_precision"), a("normal_scores")
+        d = int(meta["latent_dim"])
+        if mean.shape != (d,) or precision.shape != (d, d):
+            raise ValueError(f"calibration stats have shapes {mean.shape}, {precision.shape}; latent_dim={d}")
+        if normal.ndim != 1 or normal.shape[0] != int(meta["n_val"]) or np.any(np.diff(normal) < 0):
+            raise ValueError("calibration normal_scores must be a sorted 1-D array of n_val scores")
+        if meta["score"] not in SCORES or meta["recon_kind"] not in ("bce", "mse"):
+            raise ValueError(f"unknown score {meta['score']!r} or recon_kind {meta['recon_kind']!r}")
+        default = meta.get("default_label")
+        return cls(
+            score=str(meta["score"]),
+            threshold=float(meta["threshold"]),
+            fpr=float(meta["fpr"]),
+            normal_scores=normal,
+            stats=LatentStats(
+                mean=mean,
+                precision=precision,
+                shrinkage=float(meta.get("shrinkage", 0.0)),
+                n_images=int(meta.get("n_train", 0)),
+            ),
+            n_val=int(meta["n_val"]),
+            recon_kind=meta["recon_kind"],
+            default_label=None if default is None else int(default),
+        )
+
+def threshold_at_fpr(normal_scores: np.ndarray, fpr: float) -> float:
+    """The (1 - fpr) quantile of normal scores, interpolation ``"higher"``.
+
+    "higher" picks an observed score at or above the exact quantile position, so at most
+    ``fpr`` of these normals score strictly above the threshold (linear interpolation could land
+    between two scores and flag one more).
+    """
+    return float(np.quantile(np.asarray(normal_scores, dtype=np.float64), 1.0 - fpr, method="higher"))
+
+def calibrate(
+    model: ConvVAE,
+    train_images: ImageBatch,
+    val_normal_images: ImageBatch,
+    *,
+    train_labels: Labels = None,
+    val_labels: Labels = None,
+    score: str = "mahalanobis",
+    fpr: float = 0.05,
+    recon_kind: Literal["bce", "mse"] = "bce",
+    default_label: int | None = None,
+    batch_size: int = 256,
+    device: Device = None,
+) -> Calibration:
+    """Fit latent statistics on training images and set the threshold on held-out normal images.
+
+    Args:
+        model: the trained VAE.
+        train_images: the images the model was trained on (the latent reference).
+        val_normal_images: held-out normal images, never seen in training (the threshold).
+        train_labels: label indices of ``train_images`` for a conditional model.
+        val_labels: label indices of ``val_normal_images`` for a conditional model.
+        score: the primary score, one of :data:`SCORES`.
+        fpr: the share of held-out normals allowed above the threshold, in (0, 1).
+        recon_kind: the reconstruction likelihood used in training.
+        default_label: for a conditional model, the label index to score unlabelled images against
+            (normally the normal class); stored so :func:`screen` uses it for new scans.
+        batch_size: images per forward pass.
+        device: where to compute; None: the model's device.
+
+    Returns:
+        The calibration; see :func:`threshold_at_fpr` for how the threshold is chosen.
+
+    Raises:
+        ValueError: for an unknown score, an fpr outside (0, 1) or no validation images.
+    """
+    if score not in SCORES:
+        raise ValueError(f"unknown score {score!r}; expected one of {SCORES}")
+    if not 0.0 < fpr < 1.0:
+        raise ValueError(f"fpr must lie in (0, 1), got {fpr}")
+    if len(val_normal_images) < 1:
+        raise ValueError("calibrate needs at least one held-out normal image")
+    stats = fit_latent_stats(
+        model, train_images, train_labels, default_label=default_label, batch_size=batch_size, device=device
+    )
+    val = score_batch(
+        model,
+        val_normal_images,
+        val_labels,
+        stats=stats,
+        recon_kind=recon_kind,
+        default_label=default_label,
+        batch_size=batch_size,
+        device=device,
+    )[score]
+    normal = np.sort(val)
+    return Calibration(
+        score=score,
+        threshold=threshold_at_fpr(normal, fpr),
+        fpr=float(fpr),
+        normal_scores=normal,
+        stats=stats,
+        n_val=len(normal),
+        recon_kind=recon_kind,
+        default_label=default_label,
+    )
+
+def percentile_among_normals(scores: np.ndarray, cal: Calibration) -> np.ndarray:
+    """The share (0..100) of held-out normal images whose score is <= each given score.
+
+    Args:
+        scores: primary scores, any shape.
+        cal: the calibration holding the sorted normal scores.
+
+    Returns:
+        Float64 percentiles of the same shape; 100 at or above the largest normal score.
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    rank = np.searchsorted(cal.normal_scores, s, side="right")
+    return 100.0 * rank.astype(np.float64) / max(len(cal.normal_scores), 1)
+
+def screen(
+    model: ConvVAE,
+    images: ImageBatch,
+    cal: Calibration,
+    labels: Labels = None,
+    device: Device = None,
+    *,
+    default_label: int | None = None,
+    batch_size: int = 256,
+) -> dict[str, np.ndarray]:
+    """Score new images against a calibration and flag the unusual ones.
+
+    For a conditional model, images without labels are scored against ``default_label`` or else the
+    calibration's ``default_label`` (the normal class): "how unusual is this *as a normal scan*".
+
+    Args:
+        model: the trained VAE.
+        images: see :func:`as_float_batch`.
+        cal: from :func:`calibrate`.
+        labels: label indices for a conditional model, when known.
+        device: where to compute; None: the model's device.
+        default_label: overrides ``cal.default_label``.
+        batch_size: images per forward pass.
+
+    Returns:
+        Every score in :data:`SCORES`, plus ``"score"`` (the primary one), ``"percentile"`` (among
+        held-out normals, 0..100) and ``"flag"`` (bool, ``score > threshold``).
+    """
+    label = cal.default_label if default_label is None else default_label
+    out = score_batch(
+        model,
+        images,
+        labels,
+        stats=cal.stats,
+        recon_kind=cal.recon_kind,
+        default_label=label,
+        batch_size=batch_size,
+        device=device,
+    )
+    primary = out[cal.score]
+    out["score"] = primary
+    out["percentile"] = percentile_among_normals(primary, cal)
+    out["flag"] = primary > cal.threshold
+    return out
