@@ -41,7 +41,7 @@ def main() -> None:
 
     import flows  # noqa: F401
     from flows.ingest import ingest_flow
-    from medvae.data.ingest import iter_files
+    from medvae.data.walk import iter_files
 
     logging.getLogger("prefect").setLevel(logging.WARNING)
     files = sorted(str(p) for p, err in iter_files([a.kermany]) if err is None and p.suffix == ".jpeg")

@@ -21,8 +21,8 @@ from pathlib import Path
 
 from medvae.config import IngestConfig
 from medvae.data.ingest import ingest as medvae_ingest
-from medvae.data.ingest import iter_files
 from medvae.data.store import Store
+from medvae.data.walk import iter_files
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import multiprocessing as mp
 import os
 import stat
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +17,9 @@ import numpy as np
 
 from medvae.config import IngestConfig, to_jsonable
 from medvae.data.deid import allowed_meta, keyed_hash, patient_from_name, split_for
+from medvae.data.prepare import stored_image
 from medvae.data.staging import read_bytes, remove_tree, write_bytes
+from medvae.data.walk import iter_files, label_for, read_labels_csv
 
 if TYPE_CHECKING:  # the store pulls in deltalake and pyarrow, which spawned decoder workers never need
     import pyarrow as pa
@@ -80,51 +81,6 @@ class IngestReport:
         os.replace(tmp, path)
 
 
-# ------------------------------------------------------------------------------------------- walking
-def iter_files(sources: Sequence[Path]) -> Iterator[tuple[Path, str | None]]:
-    """Yield every file under ``sources`` (files or folders), with a walk error when one occurred.
-
-    Directory symlinks are not followed, so a symlink loop cannot trap the walk; such links are yielded
-    with a reason so that they are still accounted for. Order is sorted for reproducible reports.
-    """
-    for src in sources:
-        if not os.path.lexists(src):
-            yield src, "does not exist"
-            continue
-        if not src.is_dir():
-            # Files, and also what is neither file nor folder (a FIFO, a device, a symlink loop or a
-            # dangling link): the decoder stage says exactly what is wrong with it, where os.walk would
-            # only report "cannot list folder: Not a directory".
-            yield src, None
-            continue
-        errors: list[OSError] = []
-        for root, dirs, files in os.walk(src, onerror=errors.append, followlinks=False):
-            dirs.sort()
-            for d in list(dirs):
-                p = Path(root) / d
-                if p.is_symlink():
-                    yield p, "directory symlink not followed (avoids loops; pass its target explicitly)"
-            for name in sorted(files):
-                yield Path(root) / name, None
-        for err in errors:
-            yield Path(err.filename or str(src)), f"cannot list folder: {err.strerror or err}"
-
-
-def read_labels_csv(path: Path) -> dict[str, str]:
-    """Read a ``path,label`` CSV. Paths may be relative to the CSV's folder, absolute, or bare file names."""
-    out: dict[str, str] = {}
-    with path.open(newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        if not reader.fieldnames or not {"path", "label"} <= set(reader.fieldnames):
-            raise ValueError(f"{path}: a labels CSV needs the columns path,label (got {reader.fieldnames})")
-        for row in reader:
-            p = Path(row["path"])
-            full = p if p.is_absolute() else (path.parent / p)
-            out[os.path.normpath(full.resolve())] = row["label"]
-            out.setdefault(p.name, row["label"])
-    return out
-
-
 # ------------------------------------------------------------------------------------------- workers
 @dataclass(frozen=True)
 class DecodeContext:
@@ -151,24 +107,6 @@ def _init_worker(key: bytes, known: frozenset[str], cfg_json: str, pool_worker: 
 
         _W["limits"] = threadpool_limits(1)
     _W["ctx"] = DecodeContext(key, known, IngestConfig.model_validate_json(cfg_json))
-
-
-def stored_image(img01: np.ndarray, cfg: IngestConfig) -> np.ndarray:
-    """A decoded, windowed ``[0, 1]`` image in the form the store keeps: square, 64×64, standardised uint8.
-
-    Ingest and screening both go through here, so a scan screened straight from the scanner is
-    prepared exactly as the training images were.
-
-    Args:
-        img01: a 2-D float image in ``[0, 1]`` from :mod:`medvae.data.readers`.
-        cfg: the ingest settings (size, aspect policy, intensity standardisation).
-
-    Returns:
-        A uint8 array of shape ``(cfg.size, cfg.size)``.
-    """
-    from medvae.data.transforms import normalise, standardise_intensity
-
-    return standardise_intensity(normalise(img01, cfg.size, cfg.aspect), cfg.intensity, cfg.clahe_clip_limit)
 
 
 def _process_in_worker(job: tuple[str, str | None]) -> FileResult:
@@ -288,15 +226,6 @@ def _file_kind(mode: int) -> str:
     return "an unknown kind of file"
 
 
-# ------------------------------------------------------------------------------------------- ingest
-def _label_for(path: Path, cfg: IngestConfig, csv_labels: dict[str, str] | None) -> str | None:
-    if csv_labels is not None:
-        return csv_labels.get(os.path.normpath(path.resolve()), csv_labels.get(path.name))
-    if cfg.labels == "folder":
-        return path.parent.name or None
-    return None
-
-
 @dataclass
 class IngestPlan:
     """The walked input of one ingest, before any file is decoded.
@@ -332,7 +261,7 @@ def plan_ingest(sources: Sequence[Path], store: Store, cfg: IngestConfig) -> Ing
         if walk_error is not None:
             results[i] = FileResult(str(path), REJECTED, walk_error)
         else:
-            jobs.append((i, (str(path), _label_for(path, cfg, csv_labels))))
+            jobs.append((i, (str(path), label_for(path, cfg, csv_labels))))
 
     if store.exists():
         # One store holds one kind of image: refuse to mix, say, CLAHE-standardised and raw pixels.

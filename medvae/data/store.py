@@ -20,6 +20,7 @@ from deltalake import CommitProperties, DeltaTable, write_deltalake
 from deltalake.exceptions import CommitFailedError, TableNotFoundError
 
 from medvae import __version__
+from medvae.errors import StoreError
 
 # The schema is planned for every stage: ingest fills the pixel, provenance and technical columns;
 # augment adds synthetic rows (origin, model_hash, seed); screen fills the nullable score columns.
@@ -77,10 +78,6 @@ KEY_TABLE = "key"
 # ingest): the merge must be re-run on the new snapshot. Bounded, so a store under constant write
 # contention ends in a clear error instead of spinning.
 MERGE_ATTEMPTS = 8
-
-
-class StoreError(RuntimeError):
-    """The store cannot be opened, read or written; the message says what to do."""
 
 
 def is_local(uri: str) -> bool:

@@ -10,7 +10,6 @@ import math
 import os
 import sys
 import time
-from collections import defaultdict
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -25,11 +24,17 @@ from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 from medvae.anomaly.stats import SCORES
 from medvae.config import IngestConfig, Intensity, LossConfig, ModelConfig, TrainConfig, to_jsonable
 from medvae.data.deid import patient_from_name
+from medvae.data.splits import (
+    SPLITS,
+    check_no_leak,
+    grouped_subsample,
+    merge_duplicate_groups,
+    patient_split,
+)
 from medvae.vae.model import ConvVAE
 
 _IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".dcm", ".dicom"})
 _CACHE_FORMAT = "medvae.eval-cache/1"
-SPLITS = ("train", "val", "test")
 
 # The anomaly VAE the evaluation trains by default: the shipped default model (see docs/quality.md).
 DEFAULT_ANOMALY = TrainConfig(
@@ -370,140 +375,6 @@ def standardise_intensity(images: np.ndarray, method: Intensity, clip_limit: flo
 # --------------------------------------------------------------------------------------------------------
 # Patient-grouped splits
 # --------------------------------------------------------------------------------------------------------
-
-
-def merge_duplicate_groups(images: np.ndarray, groups: np.ndarray) -> np.ndarray:
-    """Join the groups of pixel-identical images, so that no exact duplicate can straddle two splits.
-
-    Public datasets hold the same radiograph under two names (Kermany: 26 pixel-identical pairs at
-    64×64). Treating their patients as one group keeps a test image from having its copy in training.
-
-    Args:
-        images: uint8 (N, H, W).
-        groups: (N,) group names.
-
-    Returns:
-        (N,) group names; every member of a merged group gets the smallest name of the set.
-    """
-    parent: dict[str, str] = {g: g for g in groups.tolist()}
-
-    def find(g: str) -> str:
-        while parent[g] != g:
-            parent[g] = parent[parent[g]]
-            g = parent[g]
-        return g
-
-    first: dict[bytes, str] = {}
-    for img, g in zip(images, groups.tolist(), strict=True):
-        key = hashlib.sha256(np.ascontiguousarray(img).tobytes()).digest()
-        other = first.setdefault(key, g)
-        a, b = find(g), find(other)
-        if a != b:
-            parent[max(a, b)] = min(a, b)
-    return np.array([find(g) for g in groups.tolist()], dtype=str)
-
-
-def _group_hash(salt: str, seed: int, group: str) -> int:
-    return int.from_bytes(hashlib.sha256(f"{salt}\0{seed}\0{group}".encode()).digest()[:8], "big")
-
-
-def _strata(groups: np.ndarray, labels: np.ndarray) -> dict[str, str]:
-    # A patient's stratum is its most frequent label (ties: the smallest name), so patients with both
-    # normal and abnormal images (possible in NIH) still belong to exactly one stratum.
-    counts: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
-    for g, lbl in zip(groups.tolist(), labels.tolist(), strict=True):
-        counts[g][lbl] += 1
-    return {g: min(c, key=lambda k: (-c[k], k)) for g, c in counts.items()}
-
-
-def patient_split(
-    groups: np.ndarray,
-    labels: np.ndarray,
-    fractions: tuple[float, float, float] = (0.7, 0.1, 0.2),
-    seed: int = 0,
-) -> np.ndarray:
-    """A deterministic, label-stratified, patient-grouped train/val/test split.
-
-    Within each stratum (the patients whose majority label is the same), patients are ordered by
-    ``sha256(salt, seed, patient)`` and laid end to end by image count; a patient goes to the split in
-    whose share of the stratum's images its midpoint falls. Every image of a patient therefore lands in
-    one split, the image shares follow ``fractions`` in every class, and the result depends on the seed
-    and the patient names only (not on the order of the rows or on any store key).
-
-    Args:
-        groups: (N,) patient names.
-        labels: (N,) label names.
-        fractions: train/val/test shares.
-        seed: the split seed.
-
-    Returns:
-        (N,) array of ``"train"``, ``"val"`` or ``"test"``.
-    """
-    groups = np.asarray(groups, dtype=str)
-    labels = np.asarray(labels, dtype=str)
-    strata = _strata(groups, labels)
-    size: dict[str, int] = defaultdict(int)
-    for g in groups.tolist():
-        size[g] += 1
-    cuts = np.cumsum(fractions)[:-1]
-    assign: dict[str, str] = {}
-    for stratum in sorted(set(strata.values())):
-        members = sorted(
-            (g for g, s in strata.items() if s == stratum), key=lambda g: (_group_hash("split", seed, g), g)
-        )
-        total = sum(size[g] for g in members)
-        done = 0
-        for g in members:
-            mid = (done + size[g] / 2.0) / total
-            done += size[g]
-            assign[g] = SPLITS[int(np.searchsorted(cuts, mid, side="right"))]
-    return np.array([assign[g] for g in groups.tolist()], dtype=str)
-
-
-def grouped_subsample(groups: np.ndarray, labels: np.ndarray, fraction: float, seed: int = 0) -> np.ndarray:
-    """A label-stratified, patient-grouped subsample of about ``fraction`` of the images.
-
-    Patients are taken in ``sha256(salt, seed, patient)`` order within each stratum until the stratum's
-    share is reached; every stratum keeps at least one patient.
-
-    Args:
-        groups: (N,) patient names.
-        labels: (N,) label names.
-        fraction: in (0, 1]; 1 keeps everything.
-        seed: the subsample seed.
-
-    Returns:
-        Boolean mask (N,).
-    """
-    groups = np.asarray(groups, dtype=str)
-    if fraction >= 1.0:
-        return np.ones(len(groups), dtype=bool)
-    strata = _strata(groups, np.asarray(labels, dtype=str))
-    size: dict[str, int] = defaultdict(int)
-    for g in groups.tolist():
-        size[g] += 1
-    chosen: set[str] = set()
-    for stratum in sorted(set(strata.values())):
-        members = sorted(
-            (g for g, s in strata.items() if s == stratum),
-            key=lambda g: (_group_hash("subsample", seed, g), g),
-        )
-        target = fraction * sum(size[g] for g in members)
-        taken = 0
-        for g in members:
-            if taken >= target and taken > 0:
-                break
-            chosen.add(g)
-            taken += size[g]
-    return np.array([g in chosen for g in groups.tolist()], dtype=bool)
-
-
-def check_no_leak(groups: np.ndarray, split: np.ndarray) -> None:
-    """Raise AssertionError if any patient has images in two different splits."""
-    seen: dict[str, str] = {}
-    for g, s in zip(np.asarray(groups).tolist(), np.asarray(split).tolist(), strict=True):
-        if seen.setdefault(g, s) != s:
-            raise AssertionError(f"patient {g!r} appears in both the {seen[g]} and the {s} split")
 
 
 # --------------------------------------------------------------------------------------------------------

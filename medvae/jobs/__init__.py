@@ -15,19 +15,10 @@ import pyarrow.parquet as pq
 
 from medvae.config import AugmentConfig, IngestConfig, ScreenConfig, TrainConfig, to_jsonable
 from medvae.data.deid import keyed_hash
+from medvae.data.splits import grouped_holdout
 from medvae.data.store import SCHEMA, SCORE_COLUMNS, Store, StoreError, images_from, lineage, to_arrow
 
 MIN_VAL = 8  # fewer held-out images than this cannot calibrate a threshold
-
-
-def _grouped_holdout(groups: Sequence[str], fraction: float, seed: int) -> np.ndarray:
-    """Boolean mask of a patient-grouped hold-out of about ``fraction`` of the rows."""
-    uniq = sorted(set(groups))
-    rng = np.random.default_rng(seed)
-    rng.shuffle(uniq)
-    n_hold = max(1, round(len(uniq) * fraction))
-    held = set(uniq[:n_hold])
-    return np.array([g in held for g in groups], dtype=bool)
 
 
 def load_training_data(
@@ -53,7 +44,7 @@ def load_training_data(
     val = pool & (split == "val")
     if val.sum() < MIN_VAL:
         idx = np.flatnonzero(pool)
-        hold = _grouped_holdout([groups[i] for i in idx], cfg.val_fraction, cfg.seed)
+        hold = grouped_holdout([groups[i] for i in idx], cfg.val_fraction, cfg.seed)
         val = np.zeros(len(split), dtype=bool)
         val[idx[hold]] = True
     train = pool & ~val
@@ -365,7 +356,7 @@ def screen_files(
         One record per file, in order (``file``, ``status`` scored/rejected, ``reason``, and the scores of
         the scored ones), and the prepared uint8 images of the scored files, stacked.
     """
-    from medvae.data.ingest import stored_image
+    from medvae.data.prepare import stored_image
     from medvae.data.readers import RejectedInput, decode_file
 
     records: list[dict[str, Any]] = []
@@ -464,7 +455,7 @@ def screen_job(
 
     Files that cannot be read are listed with their reason; they never stop the batch.
     """
-    from medvae.data.ingest import iter_files
+    from medvae.data.walk import iter_files
 
     icfg = ingest_cfg if ingest_cfg is not None else screen_settings(model_dir)
     _ = screen_cfg or ScreenConfig()
@@ -483,8 +474,8 @@ def prepare_screen_batches(sources: Sequence[Path], staging: str, batch_files: i
     """
     import json
 
-    from medvae.data.ingest import iter_files
     from medvae.data.staging import write_bytes
+    from medvae.data.walk import iter_files
 
     entries = [
         [slot, str(p), os.path.abspath(p), err] for slot, (p, err) in enumerate(iter_files(list(sources)))

@@ -9,8 +9,9 @@ import pytest
 from PIL import Image
 
 from medvae.config import IngestConfig
-from medvae.data.ingest import ingest, iter_files
+from medvae.data.ingest import ingest
 from medvae.data.store import Store, images_from
+from medvae.data.walk import iter_files
 
 
 def _png(path: Path, seed: int, mode: str = "L", size: tuple[int, int] = (80, 60)) -> Path:

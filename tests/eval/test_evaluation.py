@@ -10,17 +10,14 @@ import pytest
 from PIL import Image
 
 from medvae.config import IngestConfig, ModelConfig, TrainConfig
+from medvae.data.splits import check_no_leak, grouped_subsample, merge_duplicate_groups, patient_split
 from medvae.eval.study import (
     EvaluateConfig,
     binary_metrics,
-    check_no_leak,
     combined_zscore,
     evaluate,
-    grouped_subsample,
     list_image_folder,
     load_dataset,
-    merge_duplicate_groups,
-    patient_split,
     summarise,
 )
 
