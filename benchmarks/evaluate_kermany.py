@@ -7,8 +7,8 @@ import os
 import time
 from pathlib import Path
 
-from medvae.config import load_config
-from medvae.eval.study import EvaluateConfig, evaluate, summary_lines
+from medvae.config import EvaluateConfig, load_config
+from medvae.eval.study import evaluate, summary_lines
 
 
 def main() -> None:

@@ -427,8 +427,9 @@ def evaluate(
     """
 
     def body() -> None:
-        from medvae.eval.study import EvaluateConfig, summary_lines
+        from medvae.config import EvaluateConfig
         from medvae.eval.study import evaluate as do_evaluate
+        from medvae.eval.study import summary_lines
 
         overrides = list(set_ or [])
         if seeds:

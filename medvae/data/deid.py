@@ -26,12 +26,6 @@ ALLOWED_META: tuple[str, ...] = (
     "view_position",
 )
 
-# Default patient keys from file names, for files that carry no PatientID: Kermany's ``personN`` and
-# ``IM-0115``/``NORMAL2-IM-1427`` stems, and ChestX-ray14's ``00000005_000`` naming. Only a keyed hash of
-# the match is stored.
-DEFAULT_PATIENT_REGEX = r"(person\d+)|^((?:NORMAL2-)?IM-\d+)-\d+|^(\d{8})_\d{3}\."
-
-
 def keyed_hash(key: bytes, kind: str, data: bytes) -> str:
     """HMAC-SHA256 of ``data`` under the store's secret key, domain-separated by ``kind``.
 

@@ -14,15 +14,14 @@ from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
 from medvae.anomaly.stats import SCORES
-from medvae.config import IngestConfig, Intensity, LossConfig, ModelConfig, TrainConfig, to_jsonable
+from medvae.config import EvaluateConfig, IngestConfig, Intensity, TrainConfig, to_jsonable
 from medvae.data.deid import patient_from_name
 from medvae.data.splits import (
     SPLITS,
@@ -35,90 +34,6 @@ from medvae.vae.model import ConvVAE
 
 _IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".dcm", ".dicom"})
 _CACHE_FORMAT = "medvae.eval-cache/1"
-
-# The anomaly VAE the evaluation trains by default: the shipped default model (see docs/quality.md).
-DEFAULT_ANOMALY = TrainConfig(
-    model=ModelConfig(latent_dim=128),
-    loss=LossConfig(reconstruction="bce", beta=1.0, kl_warmup_epochs=5),
-    epochs=30,
-    batch_size=64,
-    patience=8,
-)
-# The conditional generator for synthetic training data: the same architecture family, conditioned on
-# the normal/abnormal label. Fewer epochs than the anomaly model because it sees ~4x more images per epoch.
-DEFAULT_GENERATOR = TrainConfig(
-    model=ModelConfig(latent_dim=128, conditional=True, num_classes=2),
-    loss=LossConfig(reconstruction="bce", beta=1.0, kl_warmup_epochs=5),
-    epochs=20,
-    batch_size=64,
-    patience=6,
-)
-
-
-class EvaluateConfig(BaseModel):
-    """Everything ``medvae evaluate`` does, fixed up front so that a run is reproducible from its config.
-
-    The same patient-grouped split (``split_seed``) is used for every model seed in ``seeds``; only the
-    model, generator and classifier seeds vary between repetitions.
-    """
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    seeds: tuple[int, ...] = Field((0, 1, 2), min_length=1, description="Model seeds; figures are mean ± sd.")
-    split_seed: int = Field(0, description="Seed of the patient-grouped train/val/test split (fixed).")
-    split_fractions: tuple[float, float, float] = Field(
-        (0.7, 0.1, 0.2), description="train/val/test shares of the images, assigned per patient."
-    )
-    ingest: IngestConfig = Field(
-        IngestConfig(),
-        description="Decoding of ImageFolder sources (window, aspect, size). Its intensity is not used: "
-        "`intensity` below decides, so that an ablation changes one knob.",
-    )
-    intensity: Intensity = Field(
-        "clahe",
-        description="Per-image intensity standardisation of every loaded image (the ingest default). A store "
-        "whose images were standardised at ingest is never standardised twice.",
-    )
-    clahe_clip_limit: float = Field(0.01, gt=0, le=1, description="CLAHE clip limit.")
-    anomaly: TrainConfig = Field(DEFAULT_ANOMALY, description="The anomaly VAE, trained on normals only.")
-    generator: TrainConfig = Field(
-        DEFAULT_GENERATOR, description="The conditional VAE that makes synthetic labelled training data."
-    )
-    primary_score: str = Field("mahalanobis", description="The score whose calibrated threshold is reported.")
-    false_positive_rate: float = Field(0.05, gt=0, lt=1, description="Calibration FPR on val normals.")
-    label_fractions: tuple[float, ...] = Field(
-        (1.0, 0.1), min_length=1, description="Shares of the labelled training images for the utility study."
-    )
-    synthetic_ratio: float = Field(1.0, gt=0, description="Synthetic images per real training image.")
-    classifier_epochs: int = Field(12, ge=1, description="Fixed epochs of the small CNN (see classifier.py).")
-    privacy_quantile: float = Field(0.01, ge=0, le=1, description="Near-copy quantile for the filter.")
-    utility: bool = Field(True, description="Run the synthetic-data utility and privacy study.")
-    device: Literal["auto", "cpu", "cuda"] = Field(
-        "auto", description="Overrides the training configs' device."
-    )
-    workers: int = Field(0, ge=0, description="Decoder processes for an ImageFolder; 0: one per core.")
-    pictures: int = Field(16, ge=2, description="Images per picture grid.")
-
-    @field_validator("split_fractions")
-    @classmethod
-    def _fractions(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
-        if any(f <= 0 for f in v) or abs(sum(v) - 1.0) > 1e-6:
-            raise ValueError(f"split_fractions must be positive and sum to 1, got {v}")
-        return v
-
-    @field_validator("primary_score")
-    @classmethod
-    def _known_score(cls, v: str) -> str:
-        if v not in SCORES:
-            raise ValueError(f"primary_score must be one of {SCORES} (a calibrated score), got {v!r}")
-        return v
-
-    @field_validator("label_fractions")
-    @classmethod
-    def _label_fractions(cls, v: tuple[float, ...]) -> tuple[float, ...]:
-        if any(not 0 < f <= 1 for f in v):
-            raise ValueError(f"label_fractions must lie in (0, 1], got {v}")
-        return v
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medvae.config import IngestConfig, ModelConfig, TrainConfig
+from medvae.config import EvaluateConfig, IngestConfig, ModelConfig, TrainConfig
 from medvae.data.splits import check_no_leak, grouped_subsample, merge_duplicate_groups, patient_split
 from medvae.eval.study import (
-    EvaluateConfig,
     binary_metrics,
     combined_zscore,
     evaluate,
