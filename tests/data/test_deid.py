@@ -1,8 +1,8 @@
 from __future__ import annotations
 
+from medvae.config import DEFAULT_PATIENT_REGEX
 from medvae.data.deid import (
     ALLOWED_META,
-    DEFAULT_PATIENT_REGEX,
     allowed_meta,
     keyed_hash,
     patient_from_name,
