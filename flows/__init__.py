@@ -9,6 +9,12 @@ import os
 # environment, so setting it before the first flow runs is enough. An explicit user setting wins.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
+# A flow run without PREFECT_API_URL starts Prefect's temporary server, and Prefect waits 20 s for it. It
+# took 17 s on an idle 2-core machine, 34-47 s with two CPU-bound processes beside it, and 88 s (plus
+# 33 s of imports) under a load of 8 (docs/distributed.md has the measurements). A wait that fails half
+# the runs of a busy machine is no wait at all: medvae allows 5 minutes. An explicit setting wins.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
+
 # Pillow's DEBUG records print decoded EXIF/TIFF tag values (Artist, ImageDescription ...): PHI in the flow
 # logs, which Prefect ships to its server, whenever someone runs with DEBUG logging. Never below INFO.
 logging.getLogger("PIL").setLevel(logging.INFO)

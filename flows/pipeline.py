@@ -1,124 +1,88 @@
-"""Prefect flow: ingest → train → augment → screen, written back as one new store version."""
+"""Prefect flow: the pipeline of :func:`medvae.jobs.pipeline.run_pipeline`, each stage a Prefect task.
+
+The stages and their order are written once, in medvae; this flow only runs each of them as a task
+with retries and a timeout, and publishes the run's figures as artifacts.
+"""
 
 from __future__ import annotations
 
-import argparse
-import json
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-import flows  # noqa: F401  (medvae's Prefect defaults, also when this file runs as a script)
+import flows  # noqa: F401  (medvae's Prefect defaults)
 from flows.ingest import run_ingest
 from flows.train import train_task
-from medvae.config import AugmentConfig, PipelineConfig, load_config, to_jsonable
-from medvae.data.store import lineage
-from medvae.jobs import commit_pipeline, generate_synthetic, pictures_job, score_store_rows, stage
+from medvae.config import PipelineConfig
+from medvae.jobs.pipeline import Steps, run_pipeline
+from medvae.jobs.results import AugmentResult, IngestSummary, PipelineResult, ScoredRows, TrainedModel
+
+LOCAL = Steps()
 
 
 @task(name="synthesise", retries=1, retry_delay_seconds=5, timeout_seconds=3600)
-def synthesise_task(model_dir: str, store: str, config: dict[str, Any], staging: str) -> dict[str, Any]:
-    """Sample and privacy-filter synthetic rows into a staging Parquet file; returns its path and figures."""
-    rows, stats = generate_synthetic(Path(model_dir), store, AugmentConfig.model_validate(config))
-    return {**stats, "path": stage(rows, Path(staging) / "synthetic.parquet")}
+def synthesise_task(cfg: PipelineConfig, trained: TrainedModel, staging: str) -> AugmentResult:
+    """Sample and privacy-filter synthetic rows into a staging Parquet file."""
+    return LOCAL.synthesise(cfg, trained, Path(staging))
 
 
 @task(name="score", retries=1, retry_delay_seconds=5, timeout_seconds=3600)
-def score_task(model_dir: str, store: str, version: int | None, staging: str) -> dict[str, Any]:
-    """Score every real row of ``version`` into a staging Parquet file; returns its path and counts."""
-    rows = score_store_rows(Path(model_dir), store, version)
-    flags = rows.column("anomaly_flag").to_pylist()
-    return {
-        "path": stage(rows, Path(staging) / "scores.parquet"),
-        "scored": rows.num_rows,
-        "flagged": sum(bool(f) for f in flags),
-    }
+def score_task(cfg: PipelineConfig, trained: TrainedModel, staging: str) -> ScoredRows:
+    """Score every real row of the trained-on version into a staging Parquet file."""
+    return LOCAL.score(cfg, trained, Path(staging))
 
 
 @task(name="commit", retries=2, retry_delay_seconds=5, timeout_seconds=3600)
-def commit_task(store: str, parts: list[str], meta: dict[str, Any]) -> int:
+def commit_task(cfg: PipelineConfig, parts: list[str], meta: dict[str, Any]) -> int:
     """Commit the staged synthetic rows and scores as exactly one new version."""
-    return commit_pipeline(store, [Path(p) for p in parts], meta)
+    return LOCAL.commit(cfg, parts, meta)
 
 
 @task(name="pictures", retries=1, retry_delay_seconds=5, timeout_seconds=900)
-def pictures_task(model_dir: str, store: str) -> list[str]:
-    """Reconstruction, sample and interpolation grids for the run's model."""
-    return pictures_job(Path(model_dir), store, Path(model_dir) / "pictures")
+def pictures_task(cfg: PipelineConfig, trained: TrainedModel) -> list[str]:
+    """Synthetic sample grids of the run's model."""
+    return LOCAL.pictures(cfg, trained)
+
+
+class PrefectSteps(Steps):
+    """Every pipeline stage as a Prefect task; ingest on the configured task runner."""
+
+    def ingest(self, cfg: PipelineConfig) -> IngestSummary:
+        return run_ingest([str(s) for s in cfg.sources], cfg.store, cfg.ingest, None, cfg.runner)
+
+    def train(self, cfg: PipelineConfig) -> TrainedModel:
+        # No resume across runs: every scheduled run retrains on the newest version.
+        return train_task(
+            cfg.store, str(cfg.model_dir), cfg.train, None, cfg.train_where or None, resume=False
+        )
+
+    def synthesise(self, cfg: PipelineConfig, trained: TrainedModel, staging: Path) -> AugmentResult:
+        return synthesise_task(cfg, trained, str(staging))
+
+    def score(self, cfg: PipelineConfig, trained: TrainedModel, staging: Path) -> ScoredRows:
+        return score_task(cfg, trained, str(staging))
+
+    def commit(self, cfg: PipelineConfig, parts: list[str], meta: dict[str, Any]) -> int:
+        return commit_task(cfg, parts, meta)
+
+    def pictures(self, cfg: PipelineConfig, trained: TrainedModel) -> list[str]:
+        return pictures_task(cfg, trained)
 
 
 @flow(name="medvae-pipeline", log_prints=True, timeout_seconds=12 * 3600)
-def pipeline_flow(config: dict[str, Any] | None = None) -> dict[str, Any]:
+def pipeline_flow(config: dict[str, Any] | None = None) -> PipelineResult:
     """The scheduled job: ingest new scans, retrain, synthesise, screen, and write one new version."""
-    cfg = PipelineConfig.model_validate(config or {})
-    ing = run_ingest(
-        [str(s) for s in cfg.sources], cfg.store, to_jsonable(cfg.ingest), None, to_jsonable(cfg.runner)
-    )
-    print(f"ingest: ingested {ing['ingested']}, rejected {ing['rejected']}, skipped {ing['skipped']}")
-    trained = train_task(
-        cfg.store, str(cfg.model_dir), to_jsonable(cfg.train), None, cfg.train_where or None, resume=False
-    )
-    print(
-        f"train: model {trained['model_hash'][:12]} on {trained['device']}, "
-        f"best epoch {trained['best_epoch']}"
-    )
-    staging = str(cfg.model_dir.parent / "staging" / trained["model_hash"][:16])
-    syn = synthesise_task(trained["model_dir"], cfg.store, to_jsonable(cfg.augment), staging)
-    print(
-        f"augment: kept {syn['kept']} of {syn['requested']} "
-        f"(privacy rejection rate {syn['rejection_rate']:.1%})"
-    )
-    scored = score_task(trained["model_dir"], cfg.store, trained["dataset_version"], staging)
-    print(f"screen: scored {scored['scored']} real scans, flagged {scored['flagged']}")
-    meta = lineage(
-        "pipeline",
-        to_jsonable(cfg),
-        model_hash=trained["model_hash"],
-        ingest=ing,
-        train={k: v for k, v in trained.items() if k != "model_dir"},
-        privacy={k: v for k, v in syn.items() if k != "path"},
-        screen={k: v for k, v in scored.items() if k != "path"},
-    )
-    version = commit_task(cfg.store, [syn["path"], scored["path"]], meta)
-    pictures = pictures_task(trained["model_dir"], cfg.store)
-    summary = {
-        "version": version,
-        "model_hash": trained["model_hash"],
-        "ingested": ing["ingested"],
-        "synthetic_rows": syn["kept"],
-        "privacy_rejection_rate": syn["rejection_rate"],
-        "scored": scored["scored"],
-        "flagged": scored["flagged"],
-        "val_loss": trained["val_loss"],
-        "threshold": trained["threshold"],
-    }
+    res = run_pipeline(PipelineConfig.model_validate(config or {}), PrefectSteps())
     create_table_artifact(
         key="medvae-pipeline",
-        table=[{"metric": k, "value": str(v)} for k, v in summary.items()],
+        table=[{"metric": k, "value": str(v)} for k, v in res.to_dict().items() if k != "pictures"],
         description="medvae pipeline run",
     )
     create_markdown_artifact(
         key="medvae-pictures",
-        markdown="\n".join(f"- [{Path(p).name}]({Path(p).resolve().as_uri()})" for p in pictures),
-        description="image grids of this run's model",
+        markdown="\n".join(f"- [{Path(p).name}]({Path(p).resolve().as_uri()})" for p in res.pictures),
+        description="synthetic sample grids of this run's model",
     )
-    print(f"pipeline: wrote version {version} of {cfg.store}")
-    return summary
-
-
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """``python flows/pipeline.py [--config configs/pipeline.yaml] [--set k=v]``."""
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--config", default="configs/pipeline.yaml")
-    ap.add_argument("--set", dest="overrides", action="append", default=[])
-    a = ap.parse_args(argv)
-    cfg = load_config(PipelineConfig, a.config, a.overrides)
-    res = pipeline_flow(to_jsonable(cfg))
-    print(json.dumps(res))
     return res
-
-
-if __name__ == "__main__":
-    main()

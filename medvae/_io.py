@@ -92,3 +92,15 @@ def safe_name(text: str | None, fallback: str, max_len: int = 100) -> str:
     """
     name = _UNSAFE.sub("_", text or "").strip("._")
     return name[:max_len] or fallback
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def printable(text: object) -> str:
+    """``text`` safe for a terminal or a log line: every control character shown as an escape.
+
+    File names, DICOM values and decoder messages are untrusted: an ANSI escape sequence in a file name
+    would recolour or rewrite the operator's terminal, and a newline would forge a log line.
+    """
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", str(text))

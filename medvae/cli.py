@@ -1,4 +1,11 @@
-"""The `medvae` command line: one thin command per pipeline stage over the library."""
+"""The `medvae` command line: one thin command per pipeline stage over the library.
+
+Every stage command reads its stage config (``--config FILE.yaml``, then ``--set key=value``, then its
+dedicated options, each over the pydantic defaults in :mod:`medvae.config`), calls one job, and prints
+what it did. Untrusted text (file names, DICOM values, reasons) is printed literally, with control
+characters escaped. Expected failures end in one line that says what to do; ``--debug`` shows the
+traceback. The orchestrated commands (``serve``) are added by :mod:`flows.cli`.
+"""
 
 from __future__ import annotations
 
@@ -11,34 +18,43 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from rich.table import Table
 
-from medvae.config import IngestConfig, load_config
+from medvae._io import printable
+from medvae.config import load_config
 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
+    # Plain help: no rich markup in help texts, no "<bool>" metavars on flags.
+    rich_markup_mode=None,
     help="medvae: ingest medical scans into a versioned dataset, train a VAE, make synthetic images, screen.",
 )
 # Pillow's DEBUG records print decoded EXIF/TIFF tag values (Artist, ImageDescription ...): PHI in the logs
 # of anyone running with DEBUG logging (e.g. PREFECT_LOGGING_ROOT_LEVEL=DEBUG). Never below INFO for it.
 logging.getLogger("PIL").setLevel(logging.INFO)
 
-console = Console(stderr=True)
-out = Console()
 _STATE: dict[str, bool] = {"debug": False}
-
 T = TypeVar("T")
 _DISK_FULL = frozenset({errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)})  # full disk, or over quota
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file for this stage.")]
 SetOpt = Annotated[
-    list[str] | None, typer.Option("--set", help="Override a config value: --set key=value (repeatable).")
+    list[str] | None,
+    typer.Option("--set", help="Override a config value: --set key=value (repeatable; e.g. --set epochs=5)."),
 ]
-StoreOpt = Annotated[str, typer.Option("--store", help="Store path or URI (s3://..., etc.).")]
+StoreOpt = Annotated[str, typer.Option("--store", help="Store path or URI (s3://bucket/prefix ...).")]
 VersionOpt = Annotated[int | None, typer.Option("--version", help="Store version; latest when omitted.")]
+SeedOpt = Annotated[int | None, typer.Option("--seed", help="Random seed (the config's when omitted).")]
+
+
+def say(text: str) -> None:
+    """Results on stdout, printed literally (each line of a multi-line text escaped on its own)."""
+    print("\n".join(printable(line) for line in text.split("\n")), flush=True)
+
+
+def note(text: str) -> None:
+    """One line of diagnostics (warnings, rejected files, errors) on stderr, printed literally."""
+    print(printable(text), file=sys.stderr, flush=True)
 
 
 @app.callback()
@@ -49,55 +65,55 @@ def _main(
 
 
 def run_cli(fn: Callable[[], T]) -> T:
-    """Run a command body; turn expected failures into one actionable line and exit code 1.
-
-    Tracebacks are for developers: they appear only with ``--debug``.
-    """
+    """Run a command body; turn failures into one actionable line and exit code 1."""
     from pydantic import ValidationError
-
-    from medvae.data.store import StoreError
 
     try:
         return fn()
-    except typer.Exit:
+    except (typer.Exit, KeyboardInterrupt):
         raise
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first.get("loc", ()))
-        msg = f"invalid config: {where}: {first.get('msg')} (see configs/ for valid values)"
-        _fail(msg, exc)
+        _fail(f"invalid config: {where}: {first.get('msg')} (`medvae config STAGE` lists every setting)", exc)
     except OSError as exc:
-        if exc.errno in _DISK_FULL:
-            # "[Errno 28] No space left on device" alone does not say where or what to do about it.
-            where = f" while writing {exc.filename}" if exc.filename else ""
-            _fail(
-                f"the disk is full (no space left on device){where}: free some disk space or point "
-                "--out/--store at a disk with more room, then run the command again",
-                exc,
-            )
+        _fail(_os_message(exc), exc)
+    except (ValueError, RuntimeError, LookupError) as exc:  # medvae's own errors are RuntimeErrors
         _fail(str(exc) or type(exc).__name__, exc)
-    except (StoreError, ValueError, RuntimeError) as exc:
-        _fail(str(exc) or type(exc).__name__, exc)
+    except Exception as exc:  # a bug: still one line, and the way to the traceback
+        _fail(f"unexpected {type(exc).__name__}: {exc} (run `medvae --debug ...` for the traceback)", exc)
     raise AssertionError("unreachable")
+
+
+def _os_message(exc: OSError) -> str:
+    if exc.errno in _DISK_FULL:
+        # "[Errno 28] No space left on device" alone does not say where or what to do about it.
+        where = f" while writing {exc.filename}" if exc.filename else ""
+        return (
+            f"the disk is full (no space left on device){where}: free some disk space or point "
+            "--out/--store at a disk with more room, then run the command again"
+        )
+    return str(exc) or type(exc).__name__
 
 
 def _fail(msg: str, exc: BaseException) -> None:
     if _STATE["debug"]:
-        console.print_exception()
-    console.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
+        import traceback
+
+        traceback.print_exception(exc)
+    note(f"error: {' '.join(msg.split())}")
     raise typer.Exit(1) from exc
 
 
-def _progress() -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        transient=False,
-        disable=not console.is_terminal and not _STATE.get("force_progress", False),
-    )
+def _where(pairs: list[str] | None) -> dict[str, str | list[str]] | None:
+    """``--where col=value`` filters; a column given several times keeps rows matching any value."""
+    out: dict[str, list[str]] = {}
+    for p in pairs or []:
+        if "=" not in p:
+            raise ValueError(f"--where {p!r} must look like column=value (e.g. label=normal)")
+        k, v = p.split("=", 1)
+        out.setdefault(k.strip(), []).append(v)
+    return {k: v[0] if len(v) == 1 else v for k, v in out.items()} or None
 
 
 # ----------------------------------------------------------------------------------------------- ingest
@@ -112,7 +128,7 @@ def ingest(
         typer.Option("--labels-csv", help="CSV with path,label columns (overrides folder labels)."),
     ] = None,
     no_labels: Annotated[
-        bool, typer.Option("--no-labels", help="Do not take labels from folder names.")
+        bool, typer.Option("--no-labels", help="Do not take labels from folder names.", metavar="")
     ] = False,
     report: Annotated[
         Path | None, typer.Option("--report", help="Write a JSON account of every input file here.")
@@ -121,53 +137,61 @@ def ingest(
         int | None, typer.Option("--workers", help="Decoder processes (default: all cores).")
     ] = None,
 ) -> None:
-    """Ingest scans into a new version of the store (de-identified, 64×64, de-duplicated)."""
+    """Ingest scans into a new version of the store (de-identified, 64x64, de-duplicated)."""
 
     def body() -> None:
+        from medvae.config import IngestConfig
         from medvae.data.ingest import ingest as do_ingest
         from medvae.data.store import Store
+        from medvae.jobs.results import IngestSummary
 
-        overrides = list(set_ or [])
-        if labels_csv is not None:
-            overrides.append(f"labels_csv={labels_csv}")
-        if no_labels:
-            overrides.append("labels=none")
-        if workers is not None:
-            overrides.append(f"workers={workers}")
-        cfg = load_config(IngestConfig, config, overrides)
-        with _progress() as bar:
-            task = bar.add_task("ingest", total=None)
-
-            def tick(done: int, total: int) -> None:
-                bar.update(task, completed=done, total=total)
-
-            rep = do_ingest(sources, Store(store), cfg, on_progress=tick)
+        options = {"labels_csv": labels_csv, "labels": "none" if no_labels else None, "workers": workers}
+        cfg = load_config(IngestConfig, config, set_, options)
+        rep = do_ingest(sources, Store(store), cfg, on_progress=_progress_printer("ingest"))
         if report is not None:
             rep.write(report)
         for f in rep.files:
             if f.status == "rejected":
-                console.print(f"[yellow]rejected[/] {f.path}: {f.reason}", highlight=False, soft_wrap=True)
+                note(f"rejected {f.path}: {f.reason}")
+        summary = IngestSummary.of(rep)
         where = (
             f"version {rep.version} of {store}" if rep.version is not None else f"{store} (no new version)"
         )
-        console.print(f"wrote {rep.rows_added} rows to {where}", highlight=False)
-        out.print(rep.summary_line(), highlight=False)
-        c = rep.counts
-        if c["seen"] == 0:
-            console.print("[bold red]error:[/] no files found in the given sources")
-            raise typer.Exit(1)
-        if c["ingested"] == 0 and c["skipped"] == 0:
-            console.print("[bold red]error:[/] nothing could be ingested; see the reasons above")
-            raise typer.Exit(1)
+        note(f"wrote {rep.rows_added} rows to {where}")
+        say(summary.line())
+        if summary.seen == 0:
+            _fail("no files found in the given sources", FileNotFoundError(str(sources)))
+        if summary.ingested == 0 and summary.skipped == 0:
+            _fail("nothing could be ingested; see the reasons above", ValueError("nothing ingested"))
 
     run_cli(body)
+
+
+def _progress_printer(what: str) -> Callable[[int, int], None] | None:
+    """A rich progress bar on a terminal; nothing when stderr is a pipe or a file (logs stay clean)."""
+    if not sys.stderr.isatty():
+        return None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn(what), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), transient=True)
+    task = bar.add_task(what, total=None)
+    bar.start()
+
+    def tick(done: int, total: int) -> None:
+        bar.update(task, completed=done, total=total)
+        if done >= total:
+            bar.stop()
+
+    return tick
 
 
 # ----------------------------------------------------------------------------------------------- versions
 @app.command()
 def versions(
     store: StoreOpt,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print JSON instead of a table.", metavar="")
+    ] = False,
 ) -> None:
     """List the store's versions with row counts, operation and lineage."""
 
@@ -176,28 +200,24 @@ def versions(
 
         hist = Store(store).history()
         if as_json:
-            out.print_json(
-                json.dumps(
-                    [
-                        {
-                            "version": h.version,
-                            "timestamp": h.timestamp,
-                            "operation": h.operation,
-                            "rows": h.rows,
-                            "lineage": h.lineage,
-                        }
-                        for h in hist
-                    ]
-                )
-            )
+            rows = [
+                {
+                    "version": h.version,
+                    "timestamp": h.timestamp,
+                    "operation": h.operation,
+                    "rows": h.rows,
+                    "lineage": h.lineage,
+                }
+                for h in hist
+            ]
+            say(json.dumps(rows, indent=2))
             return
-        table = Table("version", "operation", "rows", "added", "git", title=f"medvae store {store}")
+        say(f"{'version':>7}  {'operation':<10} {'rows':>8} {'added':>8}  git")
         prev = 0
         for h in hist:
             git = (h.lineage.get("git_commit") or "")[:10]
-            table.add_row(str(h.version), h.operation, str(h.rows), f"{h.rows - prev:+d}", git)
+            say(f"{h.version:>7}  {h.operation:<10} {h.rows:>8} {h.rows - prev:>+8}  {git}")
             prev = h.rows
-        out.print(table)
 
     run_cli(body)
 
@@ -218,22 +238,12 @@ def export(
         from medvae.data.store import Store
 
         manifest = do_export(Store(store), out_dir, version)
-        out.print(f"exported to {out_dir} (manifest {manifest})", highlight=False)
+        say(f"exported to {out_dir} (manifest {manifest})")
 
     run_cli(body)
 
 
 # ----------------------------------------------------------------------------------------------- train
-def _where(pairs: list[str] | None) -> dict[str, str] | None:
-    out: dict[str, str] = {}
-    for p in pairs or []:
-        if "=" not in p:
-            raise ValueError(f"--where {p!r} must look like column=value (e.g. label=normal)")
-        k, v = p.split("=", 1)
-        out[k.strip()] = v
-    return out or None
-
-
 @app.command()
 def train(
     store: StoreOpt,
@@ -241,15 +251,18 @@ def train(
     version: VersionOpt = None,
     where: Annotated[
         list[str] | None,
-        typer.Option("--where", help="Row filter column=value, e.g. label=normal (repeatable)."),
+        typer.Option("--where", help="Row filter column=value, e.g. label=normal (repeat a column for OR)."),
     ] = None,
     conditional: Annotated[
-        bool, typer.Option("--conditional", help="Train a label-conditional VAE.")
+        bool, typer.Option("--conditional", help="Train a label-conditional VAE.", metavar="")
     ] = False,
-    device: Annotated[str | None, typer.Option("--device", help="auto | cpu | cuda")] = None,
-    epochs: Annotated[int | None, typer.Option("--epochs")] = None,
+    device: Annotated[str | None, typer.Option("--device", help="auto | cpu | cuda (default: auto).")] = None,
+    epochs: Annotated[
+        int | None, typer.Option("--epochs", help="Training epochs (the config's when omitted).")
+    ] = None,
+    seed: SeedOpt = None,
     resume: Annotated[
-        bool, typer.Option("--resume", help="Continue from the model directory's checkpoint.")
+        bool, typer.Option("--resume", help="Continue from the model directory's checkpoint.", metavar="")
     ] = False,
     config: ConfigOpt = None,
     set_: SetOpt = None,
@@ -258,9 +271,8 @@ def train(
         typer.Option(
             "--nproc",
             min=1,
-            help="Training processes on this machine (one per GPU on CUDA): more than 1 runs "
-            "`torchrun -m medvae.train` with DistributedDataParallel; batch_size stays the global batch. "
-            "See docs/distributed_training.md (multi-node: call torchrun directly).",
+            help="Training processes on this machine (one per GPU): more than 1 runs DistributedDataParallel "
+            "under torchrun; batch_size stays the global batch (docs/distributed_training.md).",
         ),
     ] = 1,
 ) -> None:
@@ -268,53 +280,78 @@ def train(
 
     def body() -> None:
         from medvae.config import TrainConfig
-        from medvae.engine import dist as distributed
-        from medvae.jobs import train_job
 
-        overrides = list(set_ or [])
-        if conditional:
-            overrides.append("model.conditional=true")
-        if device:
-            overrides.append(f"device={device}")
-        if epochs:
-            overrides.append(f"epochs={epochs}")
-        cfg = load_config(TrainConfig, config, overrides)
+        options = {
+            "model": {"conditional": True if conditional else None},
+            "device": device,
+            "epochs": epochs,
+            "seed": seed,
+        }
+        cfg = load_config(TrainConfig, config, set_, options)
+        job = {
+            "store": store,
+            "out_dir": str(out_dir),
+            "version": version,
+            "where": _where(where),
+            "resume": resume,
+        }
         if nproc > 1:
-            # Fail here, in one line, rather than in every rank after torchrun has started them.
-            distributed.per_rank_batch(cfg.batch_size, nproc)
-            args = ["--store", store, "--out", str(out_dir)]
-            args += ["--version", str(version)] if version is not None else []
-            args += [a for w in where or [] for a in ("--where", w)]
-            args += ["--conditional"] * conditional + ["--resume"] * resume
-            args += ["--device", device] if device else []
-            args += ["--epochs", str(epochs)] if epochs else []
-            args += ["--config", str(config)] if config is not None else []
-            args += [a for o in set_ or [] for a in ("--set", o)]
-            code = distributed.launch(nproc, ["--debug", *args] if _STATE["debug"] else args)
-            if code != 0:
-                raise RuntimeError(
-                    f"distributed training failed (torchrun exited with code {code}); "
-                    "the ranks' errors are printed above"
-                )
+            _launch_torchrun(nproc, cfg, job)
             return
-        res = train_job(
-            store,
-            out_dir,
-            cfg,
-            version=version,
-            where=_where(where),
-            resume=resume,
-            progress=console.is_terminal,
-        )
-        if distributed.env_rank() != 0:
-            return  # under torchrun every rank returns rank 0's result: one of them reports it
-        out.print(
-            f"trained on {res['device']}: best epoch {res['best_epoch']}, val loss {res['val_loss']:.2f}, "
-            f"threshold {res['threshold']:.4g}, model {res['model_hash'][:12]} in {out_dir}",
-            highlight=False,
-        )
+        _train(cfg, job, progress=sys.stderr.isatty())
 
     run_cli(body)
+
+
+def _train(cfg: Any, job: dict[str, Any], *, progress: bool) -> None:
+    """Run the train job (in this process, or as one torchrun rank) and report it once."""
+    from medvae.engine import dist as distributed
+    from medvae.jobs.train import train_job
+
+    res = train_job(
+        job["store"],
+        Path(job["out_dir"]),
+        cfg,
+        version=job["version"],
+        where=job["where"],
+        resume=job["resume"],
+        progress=progress,
+    )
+    if distributed.env_rank() != 0:
+        return  # under torchrun every rank returns rank 0's result: one of them reports it
+    for warning in res.warnings:
+        note(f"warning: {warning}")
+    val = f"{res.val_loss:.2f}" if res.val_loss is not None else "n/a"
+    say(
+        f"trained on {res.device}: best epoch {res.best_epoch}, val loss {val}, "
+        f"threshold {res.threshold:.4g}, model {res.model_hash[:12]} in {res.model_dir}"
+    )
+
+
+def _launch_torchrun(nproc: int, cfg: Any, job: dict[str, Any]) -> None:
+    """Run the resolved job under torchrun: every rank reads the same job file, so none re-parses options."""
+    from medvae._io import atomic_write_json
+    from medvae.config import to_jsonable
+    from medvae.engine import dist as distributed
+
+    distributed.per_rank_batch(cfg.batch_size, nproc)  # fail here, once, not in every rank
+    spec = Path(job["out_dir"]) / ".train-job.json"
+    atomic_write_json(spec, {**job, "config": to_jsonable(cfg), "debug": _STATE["debug"]})
+    code = distributed.launch(nproc, ["--job", str(spec)])
+    if code != 0:
+        raise RuntimeError(
+            f"distributed training failed (torchrun exited with code {code}); the ranks' errors are above"
+        )
+
+
+def train_from_job_file(path: Path) -> None:
+    """One torchrun rank of ``medvae train --nproc N``: run the job that the launcher resolved."""
+    from medvae.config import TrainConfig
+
+    spec = json.loads(Path(path).read_text(encoding="utf-8"))
+    _STATE["debug"] = bool(spec.pop("debug", False))
+    cfg = TrainConfig.model_validate(spec.pop("config"))
+    run_cli(lambda: _train(cfg, spec, progress=False))
 
 
 # ----------------------------------------------------------------------------------------------- augment
@@ -322,16 +359,18 @@ def train(
 def augment(
     model: Annotated[Path, typer.Option("--model", help="Model directory from `medvae train`.")],
     store: StoreOpt,
-    count: Annotated[int, typer.Option("--count", help="Synthetic images to sample.")] = 64,
-    label: Annotated[
-        str | None, typer.Option("--label", help="Only this label (conditional models).")
+    count: Annotated[
+        int | None, typer.Option("--count", help="Synthetic images to sample (default 64).")
     ] = None,
-    seed: Annotated[int, typer.Option("--seed")] = 0,
+    label: Annotated[
+        str | None, typer.Option("--label", help="Only this label (the model must know it).")
+    ] = None,
+    seed: SeedOpt = None,
     dicom: Annotated[
         Path | None, typer.Option("--dicom", help="Also write Secondary Capture DICOMs here.")
     ] = None,
     pictures: Annotated[
-        Path | None, typer.Option("--pictures", help="Write reconstruction/sample/interpolation grids here.")
+        Path | None, typer.Option("--pictures", help="Write synthetic sample grids (one per label) here.")
     ] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
@@ -340,24 +379,27 @@ def augment(
 
     def body() -> None:
         from medvae.config import AugmentConfig
-        from medvae.jobs import augment_job, pictures_job
+        from medvae.jobs.augment import augment_job, sample_pictures
 
-        overrides = [*(set_ or []), f"count={count}", f"seed={seed}"]
-        if label:
-            overrides.append(f"label={label}")
-        if dicom:
-            overrides.append(f"write_dicom={dicom}")
-        cfg = load_config(AugmentConfig, config, overrides)
+        options = {"count": count, "label": label, "seed": seed, "write_dicom": dicom}
+        cfg = load_config(AugmentConfig, config, set_, options)
         res = augment_job(model, store, cfg)
-        out.print(
-            f"kept {res['kept']} of {res['requested']} synthetic images (privacy filter rejected "
-            f"{res['rejection_rate']:.1%}, threshold {res['privacy_threshold']:.4f}); "
-            + (f"version {res['version']}" if res["version"] is not None else "no new version"),
-            highlight=False,
+        where = f"version {res.version}" if res.version is not None else "no new version"
+        say(
+            f"kept {res.kept} of {res.requested} synthetic images (privacy filter rejected "
+            f"{res.rejection_rate:.1%}, threshold {res.privacy_threshold:.4f}); "
+            f"added {res.rows_added} rows: {where}"
         )
+        if res.already_present:
+            note(
+                f"note: {res.already_present} kept images were already in the store (same model, seed "
+                "and label as an earlier augment); pass another --seed for new ones"
+            )
+        if res.dicom_dir:
+            say(f"wrote {res.dicom_files} DICOM files to {res.dicom_dir}")
         if pictures is not None:
-            for p in pictures_job(model, store, pictures, seed=seed):
-                out.print(f"wrote {p}", highlight=False)
+            for p in sample_pictures(model, pictures, seed=cfg.seed, label=cfg.label):
+                say(f"wrote {p}")
 
     run_cli(body)
 
@@ -369,27 +411,33 @@ def screen(
     model: Annotated[Path, typer.Option("--model", help="Model directory from `medvae train`.")],
     out_csv: Annotated[Path | None, typer.Option("--out", help="Write per-scan scores to this CSV.")] = None,
     heatmaps: Annotated[Path | None, typer.Option("--heatmaps", help="Write heat-map PNGs here.")] = None,
+    score: Annotated[
+        str | None, typer.Option("--score", help="The score that flags (default mahalanobis).")
+    ] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
 ) -> None:
     """Score new scans for anomalies: latent score, percentile among normals, and a flag."""
 
     def body() -> None:
-        from medvae.jobs import screen_job
+        from medvae.config import ScreenConfig
+        from medvae.jobs.screen import screen_job
 
-        res = screen_job(model, sources, out_csv=out_csv, heatmaps_dir=heatmaps)
+        cfg = load_config(ScreenConfig, config, set_, {"score": score})
+        res = screen_job(model, sources, out_csv=out_csv, heatmaps_dir=heatmaps, cfg=cfg)
         if out_csv is None:
-            table = Table("file", "score", "percentile", "flag")
-            for r in res["results"]:
-                table.add_row(
-                    r["file"], f"{r['score']:.3f}", f"{r['percentile']:.1f}", "FLAG" if r["flag"] else ""
-                )
-            out.print(table)
-        for r in res["rejected_files"]:
-            console.print(f"[yellow]rejected[/] {r['file']}: {r['reason']}", highlight=False, soft_wrap=True)
-        out.print(
-            f"scored {res['scored']}, flagged {res['flagged']}, rejected {res['rejected']}", highlight=False
-        )
-        if res["scored"] == 0:
-            raise typer.Exit(1)
+            for r in res.records:
+                if r.status == "scored":
+                    flag = "FLAG" if r.flagged else ""
+                    say(f"{r.file}\t{r.scores['score']:.3f}\t{r.scores['percentile']:.1f}\t{flag}")
+        for r in res.records:
+            if r.status != "scored":
+                note(f"rejected {r.file}: {r.reason}")
+        say(f"scored {res.scored}, flagged {res.flagged}, rejected {res.rejected}")
+        if not res.records:
+            _fail(f"no files found in {', '.join(map(str, sources))}", FileNotFoundError(str(sources)))
+        if res.scored == 0:
+            _fail(f"none of the {res.rejected} files could be scored; see the reasons above", ValueError())
 
     run_cli(body)
 
@@ -414,7 +462,7 @@ def evaluate(
         typer.Option("--split", help="train,val,test shares assigned per patient (default 0.7,0.1,0.2)."),
     ] = None,
     no_utility: Annotated[
-        bool, typer.Option("--no-utility", help="Anomaly screening and fidelity only.")
+        bool, typer.Option("--no-utility", help="Anomaly screening and fidelity only.", metavar="")
     ] = False,
     device: Annotated[str | None, typer.Option("--device", help="auto | cpu | cuda")] = None,
     config: ConfigOpt = None,
@@ -422,8 +470,8 @@ def evaluate(
 ) -> None:
     """Evaluate screening, fidelity, synthetic-data utility and privacy on labelled real scans.
 
-    Splits are by patient (the Kermany ``personN``/``IM-NNNN`` and NIH ``NNNNNNNN_`` file-name keys, or the
-    store's patient key) and every figure is repeated over the seeds as mean ± sd.
+    Splits are by patient (the Kermany personN / IM-NNNN and NIH NNNNNNNN_ file-name keys, or the
+    store's patient key), and every figure is repeated over the seeds as mean and sd.
     """
 
     def body() -> None:
@@ -431,66 +479,79 @@ def evaluate(
         from medvae.eval.study import evaluate as do_evaluate
         from medvae.eval.study import summary_lines
 
-        overrides = list(set_ or [])
-        if seeds:
-            overrides.append(f"seeds=[{seeds}]")
-        if split_seed is not None:
-            overrides.append(f"split_seed={split_seed}")
-        if split:
-            overrides.append(f"split_fractions=[{split}]")
-        if no_utility:
-            overrides.append("utility=false")
-        if device:
-            overrides.append(f"device={device}")
-        cfg = load_config(EvaluateConfig, config, overrides)
+        options = {
+            "seeds": [int(s) for s in seeds.split(",")] if seeds else None,
+            "split_seed": split_seed,
+            "split_fractions": [float(s) for s in split.split(",")] if split else None,
+            "utility": False if no_utility else None,
+            "device": device,
+        }
+        cfg = load_config(EvaluateConfig, config, set_, options)
         metrics = do_evaluate(
             source, out_dir, normal_label=normal_label, cfg=cfg, store_version=version, progress=True
         )
         for line in summary_lines(metrics):
-            out.print(line, highlight=False, soft_wrap=True)  # a figure split over two lines misleads
-        out.print(f"wrote {out_dir / 'metrics.json'} and {out_dir / 'report.html'}", highlight=False)
+            say(line)
+        say(f"wrote {out_dir / 'metrics.json'} and {out_dir / 'report.html'}")
 
     run_cli(body)
 
 
-# ----------------------------------------------------------------------------------------------- run / serve
-PipelineOpt = Annotated[Path, typer.Option("--config", "-c", help="Pipeline YAML.")]
+# ----------------------------------------------------------------------------------------------- run / config
+PipelineOpt = Annotated[
+    Path, typer.Option("--config", "-c", help="Pipeline YAML (default configs/pipeline.yaml).")
+]
 
 
 @app.command()
 def run(config: PipelineOpt = Path("configs/pipeline.yaml"), set_: SetOpt = None) -> None:
-    """Run the whole pipeline once: ingest → train → augment → screen → one new store version."""
+    """Run the whole pipeline once, here: ingest, train, augment, screen, one new store version.
+
+    It needs no Prefect server. `medvae serve` runs the same pipeline as a scheduled Prefect deployment.
+    """
 
     def body() -> None:
-        from flows.pipeline import pipeline_flow
-        from medvae.config import PipelineConfig, to_jsonable
+        from medvae.config import PipelineConfig
+        from medvae.jobs.pipeline import run_pipeline
 
-        cfg = load_config(PipelineConfig, config, set_)
-        res = pipeline_flow(to_jsonable(cfg))
-        out.print_json(json.dumps(res))
+        res = run_pipeline(load_config(PipelineConfig, config, set_), echo=note)
+        say(json.dumps(res.to_dict(), indent=2))
 
     run_cli(body)
 
 
-@app.command()
-def serve(
-    config: PipelineOpt = Path("configs/pipeline.yaml"),
+STAGES = ("ingest", "train", "augment", "screen", "pipeline", "evaluate", "runner")
+
+
+@app.command(name="config")
+def show_config(
+    stage: Annotated[str, typer.Argument(help=f"One of: {', '.join(STAGES)}.")],
+    config: ConfigOpt = None,
     set_: SetOpt = None,
-    name: Annotated[str, typer.Option("--name")] = "medvae-scheduled",
 ) -> None:
-    """Serve the pipeline as a Prefect deployment on the config's cron schedule (runs until stopped)."""
+    """Print a stage's resolved config as YAML: every setting, from the one source of defaults."""
 
     def body() -> None:
-        from flows.pipeline import pipeline_flow
-        from medvae.config import PipelineConfig, to_jsonable
+        import yaml
 
-        cfg = load_config(PipelineConfig, config, set_)
-        console.print(f"serving {name} on cron {cfg.schedule!r}; Ctrl-C to stop", highlight=False)
-        pipeline_flow.serve(name=name, cron=cfg.schedule, parameters={"config": to_jsonable(cfg)})
+        from medvae import config as configs
+        from medvae.config import to_jsonable
+
+        names = dict(
+            zip(
+                STAGES,
+                ("Ingest", "Train", "Augment", "Screen", "Pipeline", "Evaluate", "Runner"),
+                strict=True,
+            )
+        )
+        if stage not in names:
+            raise ValueError(f"unknown stage {stage!r}; expected one of {', '.join(STAGES)}")
+        cls = getattr(configs, f"{names[stage]}Config")
+        say(yaml.safe_dump(to_jsonable(load_config(cls, config, set_)), sort_keys=False).rstrip())
 
     run_cli(body)
 
 
 def main(argv: list[str] | None = None) -> Any:
-    """Entry point for ``python -m medvae``."""
+    """Entry point for ``python -m medvae`` (the library commands; `medvae serve` lives in flows.cli)."""
     return app(args=argv if argv is not None else sys.argv[1:])

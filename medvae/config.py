@@ -198,7 +198,9 @@ class PipelineConfig(_Frozen):
     sources: list[Path] = Field(default_factory=lambda: [Path("data/sample")])
     store: str = "runs/store"
     model_dir: Path = Path("runs/model")
-    train_where: dict[str, str] = Field(default_factory=dict, description="Row filter, e.g. {label: normal}.")
+    train_where: dict[str, str | list[str]] = Field(
+        default_factory=dict, description="Row filter, e.g. {label: normal}; a list allows several values."
+    )
     schedule: str = Field("0 2 * * *", description="Cron schedule for `medvae serve`.")
     ingest: IngestConfig = IngestConfig()
     train: TrainConfig = TrainConfig()
@@ -333,13 +335,20 @@ def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_config(cls: type[C], path: Path | str | None = None, overrides: list[str] | None = None) -> C:
-    """Load and validate a stage config from YAML, then apply ``key=value`` overrides.
+def load_config(
+    cls: type[C],
+    path: Path | str | None = None,
+    overrides: list[str] | None = None,
+    options: dict[str, Any] | None = None,
+) -> C:
+    """Load and validate a stage config: the model's defaults, then YAML, then ``--set``, then options.
 
     Args:
         cls: the config class, e.g. :class:`IngestConfig`.
         path: a YAML file, or None for the defaults.
         overrides: CLI overrides such as ``["epochs=3", "loss.beta=0.5"]``.
+        options: values of dedicated CLI options as a nested dict of typed values (``{"epochs": 0}``);
+            a None value means the option was not given. They win over ``--set``.
 
     Returns:
         The validated, frozen config.
@@ -359,7 +368,21 @@ def load_config(cls: type[C], path: Path | str | None = None, overrides: list[st
             raise ValueError(f"{path}: expected a mapping at the top level, got {type(loaded).__name__}")
         data = loaded or {}
     data = _deep_merge(data, parse_overrides(overrides))
+    data = _deep_merge(data, _given(options or {}))
     return cls.model_validate(data)
+
+
+def _given(options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` without the entries (at any depth) that are None: options the user did not give."""
+    out: dict[str, Any] = {}
+    for k, v in options.items():
+        if isinstance(v, dict):
+            v = _given(v)
+            if not v:
+                continue
+        if v is not None:
+            out[k] = v
+    return out
 
 
 def to_jsonable(cfg: BaseModel) -> dict[str, Any]:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -28,6 +29,8 @@ class Calibration:
         n_val: how many held-out normals the threshold came from.
         recon_kind: the reconstruction likelihood the recon/elbo scores were computed with.
         default_label: for a conditional model, the label index new scans are scored against.
+        by_score: the held-out normals' sorted scores for every score in :data:`SCORES`, so that screening
+            can flag by another score than the primary one (see :meth:`for_score`).
     """
 
     score: str
@@ -38,6 +41,23 @@ class Calibration:
     n_val: int
     recon_kind: Literal["bce", "mse"] = "bce"
     default_label: int | None = None
+    by_score: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def for_score(self, name: str) -> Calibration:
+        """This calibration with ``name`` as the flagging score (same normals, same target FPR).
+
+        Raises:
+            ValueError: when the calibration holds no held-out scores for ``name``.
+        """
+        if name == self.score:
+            return self
+        if name not in self.by_score:
+            raise ValueError(
+                f"this model was calibrated for {self.score!r} only, not {name!r}: retrain it (medvae train) "
+                f"to calibrate every score, or screen with score={self.score}"
+            )
+        normal = self.by_score[name]
+        return replace(self, score=name, normal_scores=normal, threshold=threshold_at_fpr(normal, self.fpr))
 
     def to_files(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         """Split into JSON metadata and float64 tensors (e.g. calibration.json + calibration.safetensors).
@@ -66,6 +86,7 @@ class Calibration:
             "normal_scores": t(self.normal_scores),
             "stats_mean": t(self.stats.mean),
             "stats_precision": t(self.stats.precision),
+            **{f"normal_scores.{k}": t(v) for k, v in self.by_score.items()},
         }
         return meta, tensors
 
@@ -94,6 +115,7 @@ class Calibration:
         if meta["score"] not in SCORES or meta["recon_kind"] not in ("bce", "mse"):
             raise ValueError(f"unknown score {meta['score']!r} or recon_kind {meta['recon_kind']!r}")
         default = meta.get("default_label")
+        by_score = {k.split(".", 1)[1]: a(k) for k in tensors if k.startswith("normal_scores.")}
         return cls(
             score=str(meta["score"]),
             threshold=float(meta["threshold"]),
@@ -108,7 +130,9 @@ class Calibration:
             n_val=int(meta["n_val"]),
             recon_kind=meta["recon_kind"],
             default_label=None if default is None else int(default),
+            by_score={k: v for k, v in by_score.items() if k in SCORES},
         )
+
 
 def threshold_at_fpr(normal_scores: np.ndarray, fpr: float) -> float:
     """The (1 - fpr) quantile of normal scores, interpolation ``"higher"``.
@@ -118,6 +142,7 @@ def threshold_at_fpr(normal_scores: np.ndarray, fpr: float) -> float:
     between two scores and flag one more).
     """
     return float(np.quantile(np.asarray(normal_scores, dtype=np.float64), 1.0 - fpr, method="higher"))
+
 
 def calibrate(
     model: ConvVAE,
@@ -173,8 +198,9 @@ def calibrate(
         default_label=default_label,
         batch_size=batch_size,
         device=device,
-    )[score]
-    normal = np.sort(val)
+    )
+    by_score = {k: np.sort(np.asarray(v, dtype=np.float64)) for k, v in val.items()}
+    normal = by_score[score]
     return Calibration(
         score=score,
         threshold=threshold_at_fpr(normal, fpr),
@@ -184,7 +210,9 @@ def calibrate(
         n_val=len(normal),
         recon_kind=recon_kind,
         default_label=default_label,
+        by_score=by_score,
     )
+
 
 def percentile_among_normals(scores: np.ndarray, cal: Calibration) -> np.ndarray:
     """The share (0..100) of held-out normal images whose score is <= each given score.
@@ -199,6 +227,7 @@ def percentile_among_normals(scores: np.ndarray, cal: Calibration) -> np.ndarray
     s = np.asarray(scores, dtype=np.float64)
     rank = np.searchsorted(cal.normal_scores, s, side="right")
     return 100.0 * rank.astype(np.float64) / max(len(cal.normal_scores), 1)
+
 
 def screen(
     model: ConvVAE,
@@ -244,3 +273,55 @@ def screen(
     out["percentile"] = percentile_among_normals(primary, cal)
     out["flag"] = primary > cal.threshold
     return out
+
+
+# A threshold from fewer held-out normals than this cannot be trusted to its stated false-positive rate:
+# with n normals the percentiles move in steps of 100/n %, and the rate's interval is wide.
+FEW_NORMALS = 100
+
+
+def fpr_interval(n_normals: int, fpr: float, confidence: float = 0.95) -> tuple[float, float]:
+    """The Clopper-Pearson interval of the false-positive rate a threshold can promise.
+
+    A threshold set at the (1 - fpr) quantile of ``n_normals`` held-out normals passes about
+    ``k = floor(n * fpr)`` of them; the exact binomial interval of ``k / n`` is how far the rate on new
+    normals of the same population may plausibly lie from the target.
+
+    Args:
+        n_normals: held-out normals the threshold was calibrated on (>= 1).
+        fpr: the target false-positive rate.
+        confidence: the interval's coverage.
+
+    Returns:
+        ``(low, high)`` rates in [0, 1].
+    """
+    from scipy.stats import beta
+
+    n = max(int(n_normals), 1)
+    k = int(np.floor(n * fpr))
+    a = (1.0 - confidence) / 2.0
+    low = 0.0 if k == 0 else float(beta.ppf(a, k, n - k + 1))
+    high = 1.0 if k == n else float(beta.ppf(1.0 - a, k + 1, n - k))
+    return low, high
+
+
+def calibration_warnings(cal: Calibration) -> list[str]:
+    """What an operator must be told about a calibration: today, a threshold set on too few normals."""
+    if cal.n_val >= FEW_NORMALS:
+        return []
+    low, high = fpr_interval(cal.n_val, cal.fpr)
+    return [
+        f"the anomaly threshold was calibrated on only {cal.n_val} held-out normals: percentiles move in "
+        f"{100.0 / max(cal.n_val, 1):.1f} % steps and the false-positive rate it promises ({cal.fpr:.0%}) "
+        f"may lie anywhere in {low:.1%}-{high:.1%} (95 % interval); calibrate on at least {FEW_NORMALS} "
+        "normals (ingest more normal scans, or recalibrate on local normals)"
+    ]
+
+
+def load_calibration(model_dir: Path) -> Calibration:
+    """The calibration stored in a model directory (``calibration.json`` + ``.safetensors``)."""
+    from medvae.vae.artifacts import read_json, read_tensors
+
+    return Calibration.from_files(
+        read_json(model_dir, "calibration.json"), read_tensors(model_dir, "calibration.safetensors")
+    )

@@ -46,6 +46,7 @@ def heatmaps(
         return np.zeros((0, size, size), dtype=np.float32)
     return np.concatenate(maps, axis=0).astype(np.float32)
 
+
 # Anchor colours of matplotlib's "inferno" at 0, 1/8, ..., 1 (matplotlib is not a dependency); linear
 # interpolation between them is close enough for a perceptually ordered dark-to-bright heat scale.
 _INFERNO_ANCHORS = np.array(
@@ -63,12 +64,14 @@ _INFERNO_ANCHORS = np.array(
     dtype=np.float64,
 )
 
+
 def inferno_lut() -> np.ndarray:
     """A 256-entry uint8 RGB lookup table approximating matplotlib's "inferno"."""
     pos = np.linspace(0.0, 1.0, len(_INFERNO_ANCHORS))
     t = np.linspace(0.0, 1.0, 256)
     lut = np.stack([np.interp(t, pos, _INFERNO_ANCHORS[:, c]) for c in range(3)], axis=1)
     return np.asarray(np.round(lut), dtype=np.uint8)
+
 
 def save_heatmap_pngs(
     images: np.ndarray,

@@ -32,6 +32,7 @@ class LatentStats:
     shrinkage: float = 0.0
     n_images: int = 0
 
+
 def ledoit_wolf(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
     """Mean and Ledoit-Wolf shrunk covariance of the rows of ``x``.
 
@@ -103,6 +104,7 @@ def posterior_means(
             out.append(mu.double().cpu().numpy())
     return np.concatenate(out, axis=0)
 
+
 def fit_latent_stats(
     model: ConvVAE,
     images: ImageBatch,
@@ -139,12 +141,14 @@ def fit_latent_stats(
     mean, cov, shrink = ledoit_wolf(mu)
     return LatentStats(mean=mean, precision=precision_from_cov(cov), shrinkage=shrink, n_images=len(mu))
 
+
 def mahalanobis(mu: np.ndarray, stats: LatentStats) -> np.ndarray:
     """sqrt((μ - m)ᵀ P (μ - m)) for each row of ``mu`` (float64, (N,))."""
     diff = np.asarray(mu, dtype=np.float64) - stats.mean
     q = np.einsum("ni,ij,nj->n", diff, stats.precision, diff)
     # Rounding can push a near-zero quadratic form slightly negative; sqrt would then give NaN.
     return np.sqrt(np.maximum(q, 0.0))
+
 
 @torch.no_grad()
 def score_batch(

@@ -46,8 +46,10 @@ def merge_duplicate_groups(images: np.ndarray, groups: np.ndarray) -> np.ndarray
             parent[max(a, b)] = min(a, b)
     return np.array([find(g) for g in groups.tolist()], dtype=str)
 
+
 def _group_hash(salt: str, seed: int, group: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{salt}\0{seed}\0{group}".encode()).digest()[:8], "big")
+
 
 def _strata(groups: np.ndarray, labels: np.ndarray) -> dict[str, str]:
     # A patient's stratum is its most frequent label (ties: the smallest name), so patients with both
@@ -56,6 +58,7 @@ def _strata(groups: np.ndarray, labels: np.ndarray) -> dict[str, str]:
     for g, lbl in zip(groups.tolist(), labels.tolist(), strict=True):
         counts[g][lbl] += 1
     return {g: min(c, key=lambda k: (-c[k], k)) for g, c in counts.items()}
+
 
 def patient_split(
     groups: np.ndarray,
@@ -100,6 +103,7 @@ def patient_split(
             assign[g] = SPLITS[int(np.searchsorted(cuts, mid, side="right"))]
     return np.array([assign[g] for g in groups.tolist()], dtype=str)
 
+
 def grouped_subsample(groups: np.ndarray, labels: np.ndarray, fraction: float, seed: int = 0) -> np.ndarray:
     """A label-stratified, patient-grouped subsample of about ``fraction`` of the images.
 
@@ -136,6 +140,7 @@ def grouped_subsample(groups: np.ndarray, labels: np.ndarray, fraction: float, s
             chosen.add(g)
             taken += size[g]
     return np.array([g in chosen for g in groups.tolist()], dtype=bool)
+
 
 def check_no_leak(groups: np.ndarray, split: np.ndarray) -> None:
     """Raise AssertionError if any patient has images in two different splits."""

@@ -396,14 +396,15 @@ class Store:
         self,
         version: int | None = None,
         columns: Iterable[str] | None = None,
-        where: dict[str, str] | None = None,
+        where: Mapping[str, str | list[str]] | None = None,
     ) -> pa.Table:
-        """Rows of a version as an Arrow table, optionally projected and filtered by equality.
+        """Rows of a version as an Arrow table, optionally projected and filtered.
 
         Args:
             version: the version to read, latest when None.
             columns: the columns to return, all when None.
-            where: equality filters such as ``{"label": "normal", "origin": "real"}``.
+            where: filters such as ``{"label": "normal", "origin": "real"}``; a list of values keeps rows
+                whose column equals any of them (``{"origin": ["real", "synthetic"]}``).
         """
         dt = self.table(version)
         cols = list(columns) if columns is not None else None
@@ -414,8 +415,9 @@ class Store:
         need = None if cols is None else sorted(set(cols) | set(where))
         table = dt.to_pyarrow_table(columns=need)
         for key, value in where.items():
-            col = table.column(key)
-            table = table.filter(pc.equal(pc.cast(col, pa.string()), pa.scalar(str(value))))
+            col = pc.cast(table.column(key), pa.string())
+            allowed = [str(v) for v in value] if isinstance(value, list) else [str(value)]
+            table = table.filter(pc.is_in(col, value_set=pa.array(allowed, pa.string())))
         return table.select(cols) if cols is not None else table
 
     def ids(self, column: str = "source_id") -> set[str]:

@@ -39,6 +39,7 @@ def iter_files(sources: Sequence[Path]) -> Iterator[tuple[Path, str | None]]:
         for err in errors:
             yield Path(err.filename or str(src)), f"cannot list folder: {err.strerror or err}"
 
+
 def read_labels_csv(path: Path) -> dict[str, str]:
     """Read a ``path,label`` CSV. Paths may be relative to the CSV's folder, absolute, or bare file names."""
     out: dict[str, str] = {}

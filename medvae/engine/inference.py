@@ -53,9 +53,11 @@ def as_float_batch(images: ImageBatch) -> torch.Tensor:
         raise ValueError(f"expected images shaped (H, W), (N, H, W) or (N, 1, H, W), got {tuple(x.shape)}")
     return x
 
+
 def to_uint8(x: torch.Tensor) -> np.ndarray:
     """Float images in [0, 1], (N, 1, H, W), as a uint8 numpy array (N, H, W) (rounded, clamped)."""
     return x.detach().float().clamp(0.0, 1.0).mul(255.0).round().to(torch.uint8).squeeze(1).cpu().numpy()
+
 
 @contextmanager
 def eval_mode(model: nn.Module) -> Iterator[None]:
@@ -71,6 +73,7 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
     finally:
         model.train(was_training)
 
+
 def model_device(model: nn.Module, device: Device) -> torch.device:
     """The device to compute on: ``device`` (moving the model there, in place) or the model's own device."""
     if device is None:
@@ -78,6 +81,7 @@ def model_device(model: nn.Module, device: Device) -> torch.device:
     dev = torch.device(device)
     model.to(dev)
     return dev
+
 
 def resolve_labels(model: ConvVAE, labels: Labels, n: int, default_label: int | None) -> torch.Tensor | None:
     """Label indices for a conditional model, or None for an unconditional one.

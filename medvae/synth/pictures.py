@@ -32,6 +32,7 @@ def _grid(images: np.ndarray, nrow: int, pad: int, pad_value: int) -> np.ndarray
         grid[top : top + h, left : left + w] = images[k]
     return grid
 
+
 def save_grid(images: np.ndarray, path: Path, nrow: int = 8, pad: int = 2, pad_value: int = 0) -> Path:
     """Write uint8 images (n, H, W) as one PNG grid, ``nrow`` images per row, atomically.
 
@@ -56,6 +57,7 @@ def save_grid(images: np.ndarray, path: Path, nrow: int = 8, pad: int = 2, pad_v
     if nrow < 1 or pad < 0:
         raise ValueError("nrow must be >= 1 and pad >= 0")
     return write_png(_grid(images, nrow, pad, pad_value), Path(path))
+
 
 @torch.no_grad()
 def reconstruction_grid(
@@ -104,6 +106,7 @@ def reconstruction_grid(
         for part in (orig[start : start + cols], rec[start : start + cols]):
             tiles.append(np.concatenate([part, blank[: cols - len(part)]], axis=0))
     return save_grid(np.concatenate(tiles, axis=0), path, nrow=cols)
+
 
 @torch.no_grad()
 def interpolation_grid(

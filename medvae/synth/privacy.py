@@ -22,6 +22,7 @@ def _flat(query: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, np.ndar
 
     return flat(q), flat(r), scale
 
+
 def nearest_neighbour_distances(
     query: np.ndarray,
     reference: np.ndarray,
@@ -73,6 +74,7 @@ def nearest_neighbour_distances(
         out[start : start + len(qc)] = d2.min(axis=1)
     return np.sqrt(out / q.shape[1]) / scale
 
+
 def privacy_threshold(train: np.ndarray, quantile: float, max_reference: int = 5000, seed: int = 0) -> float:
     """The ``quantile`` of train-to-train nearest-neighbour distances: how close distinct real images get.
 
@@ -111,6 +113,7 @@ def privacy_threshold(train: np.ndarray, quantile: float, max_reference: int = 5
     d = d[d > 0.0]
     return float(np.quantile(d, quantile)) if d.size else 0.0
 
+
 @dataclass(eq=False)
 class FilterResult:
     """Outcome of :func:`privacy_filter`.
@@ -126,6 +129,7 @@ class FilterResult:
     distances: np.ndarray
     threshold: float
     rejection_rate: float
+
 
 def privacy_filter(samples: np.ndarray, train: np.ndarray, threshold: float) -> FilterResult:
     """Reject samples strictly closer than ``threshold`` to some training image (exact copies always).

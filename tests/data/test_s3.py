@@ -287,7 +287,8 @@ def test_ingest_train_augment_export_on_s3(
     from medvae.data.export import export
     from medvae.data.ingest import ingest
     from medvae.data.store import Store
-    from medvae.jobs import augment_job, train_job
+    from medvae.jobs.augment import augment_job
+    from medvae.jobs.train import train_job
 
     src, good = _sources(shared_data, tmp_path / "src")
     rep = ingest([src], Store(s3_uri), IngestConfig(workers=1))
@@ -302,26 +303,26 @@ def test_ingest_train_augment_export_on_s3(
     )
     model = tmp_path / "model"
     trained = train_job(s3_uri, model, tiny, progress=False)
-    assert trained["dataset_version"] == 0
+    assert trained.dataset_version == 0
     stats = augment_job(model, s3_uri, AugmentConfig(count=8, privacy_quantile=0.0))
-    assert stats["version"] == 1 and stats["kept"] > 0
+    assert stats.version == 1 and stats.kept > 0
 
     store = Store(s3_uri)
     hist = store.history()
     assert [h.version for h in hist] == [0, 1]
     assert [h.operation for h in hist] == ["ingest", "augment"]
-    assert [h.rows for h in hist] == [len(good), len(good) + stats["kept"]]
+    assert [h.rows for h in hist] == [len(good), len(good) + stats.kept]
     assert hist[0].lineage["counts"]["rejected"] == 2 and hist[0].lineage["rows_added"] == len(good)
-    assert hist[1].lineage["model_hash"] == stats["model_hash"] == trained["model_hash"]
+    assert hist[1].lineage["model_hash"] == stats.model_hash == trained.model_hash
     assert store.image_settings() is not None
     v0, latest = store.read(version=0), store.read()
     assert set(v0.column("origin").to_pylist()) == {"real"}
-    assert latest.column("origin").to_pylist().count("synthetic") == stats["kept"]
+    assert latest.column("origin").to_pylist().count("synthetic") == stats.kept
 
     # Export an older version and the latest to local folders.
     old = list(csv.DictReader(export(store, tmp_path / "export-v0", version=0).open()))
     new = list(csv.DictReader(export(store, tmp_path / "export-latest").open()))
-    assert len(old) == len(good) and len(new) == len(good) + stats["kept"]
+    assert len(old) == len(good) and len(new) == len(good) + stats.kept
     assert {r["origin"] for r in old} == {"real"} and {r["label"] for r in old} == {"normal", "pneumonia"}
     row = old[0]
     want = dict(zip(v0.column("id").to_pylist(), v0.column("pixels").to_pylist(), strict=True))

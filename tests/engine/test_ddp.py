@@ -352,7 +352,7 @@ def test_torchrun_two_processes_match_one_and_resume_in_one(
     from medvae.data.ingest import ingest
     from medvae.data.store import Store
     from medvae.engine.trainer import build_training, evaluate
-    from medvae.jobs import load_training_data, train_job
+    from medvae.jobs.train import load_training_data, train_job
     from medvae.vae.artifacts import load_model
 
     store = Store(tmp_path / "store")
@@ -378,7 +378,7 @@ def test_torchrun_two_processes_match_one_and_resume_in_one(
     assert sorted(p.name for p in (two_dir / "checkpoint").iterdir()) == [CHECKPOINT_NAME]
 
     # Same quality as one process, within the stated tolerance.
-    best_one, best_two = one["val_loss"], hist[metrics["best_epoch"]]["val_loss"]
+    best_one, best_two = one.val_loss, hist[metrics["best_epoch"]]["val_loss"]
     assert best_two == pytest.approx(best_one, rel=QUALITY_RTOL), (best_one, best_two)
 
     # The history is global: the last epoch's validation loss is that of the whole val set (not one
@@ -386,9 +386,9 @@ def test_torchrun_two_processes_match_one_and_resume_in_one(
     data = load_training_data(store, None, None, cfg)
     setup = build_training(cfg, torch.device("cpu"))
     setup.model.load_state_dict(ckpt["model"])
-    val = torch.as_tensor(data["val_images"]).unsqueeze(1)
+    val = torch.as_tensor(data.val_images).unsqueeze(1)
     full = evaluate(setup, val, None, batch_size=16, kl_w=cfg.loss.beta)
-    assert full.images == len(data["val_images"]) and full.images == metrics_rows(two_dir)
+    assert full.images == len(data.val_images) and full.images == metrics_rows(two_dir)
     assert hist[-1]["val_loss"] == pytest.approx(full.loss, rel=1e-4)
 
     # Resume the 2-process checkpoint in one process, to 6 epochs.
@@ -398,7 +398,7 @@ def test_torchrun_two_processes_match_one_and_resume_in_one(
     assert [h["epoch"] for h in hist6] == list(range(6))
     assert _strip(hist6[:4]) == _strip(hist)
     assert load_checkpoint(two_dir / "checkpoint" / CHECKPOINT_NAME).get("world_size", 1) == 1
-    assert res6["val_loss"] <= best_two  # the selection state (best so far) carried over
+    assert res6.val_loss <= best_two  # the selection state (best so far) carried over
 
 
 def metrics_rows(model_dir: Path) -> int:

@@ -12,7 +12,8 @@ from medvae.config import IngestConfig, ModelConfig, TrainConfig
 from medvae.data.deid import keyed_hash
 from medvae.data.ingest import ingest
 from medvae.data.store import Store, images_from
-from medvae.jobs import score_images, screen_job, train_job
+from medvae.jobs.screen import Screener, screen_files, screen_job
+from medvae.jobs.train import train_job
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -42,18 +43,20 @@ def test_screen_prepares_new_scans_exactly_like_the_training_store(tmp_path: Pat
     train_job(store.uri, model, tiny, progress=False)
 
     res = screen_job(model, [tmp_path / "src"])
-    assert res["scored"] == len(paths) and res["rejected"] == 0
-    by_file = {Path(r["file"]).name: r["score"] for r in res["results"]}
+    assert res.scored == len(paths) and res.rejected == 0
+    by_file = {Path(r.file).name: r.scores["score"] for r in res.records}
 
     table = store.read()
     ids = table.column("id").to_pylist()
     stored = images_from(table)
     key = store.key()
     order = [ids.index(keyed_hash(key, "source", p.read_bytes())[:32]) for p in paths]
-    expected = score_images(model, stored[order])["score"]
+    screener = Screener.load(model)
+    expected = screener.score(stored[order])["score"]
     np.testing.assert_allclose([by_file[p.name] for p in paths], expected, rtol=1e-5)
 
     # The comparison can fail: without the store's CLAHE the same scans score differently.
-    plain = screen_job(model, [tmp_path / "src"], ingest_cfg=IngestConfig(intensity="none"))
-    plain_scores = {Path(r["file"]).name: r["score"] for r in plain["results"]}
+    plain = Screener(screener.loaded, screener.calibration, IngestConfig(intensity="none"))
+    records, _ = screen_files(plain, [(str(p), None) for p in paths])
+    plain_scores = {Path(r.file).name: r.scores["score"] for r in records}
     assert not np.allclose([plain_scores[p.name] for p in paths], expected, rtol=1e-3)

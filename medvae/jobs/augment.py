@@ -1,0 +1,207 @@
+"""The augment job: synthetic images from a model, privacy-filtered, committed as one new store version."""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from medvae.config import AugmentConfig, to_jsonable
+from medvae.data.deid import keyed_hash
+from medvae.data.store import Store, empty_rows, images_from, lineage, to_arrow
+from medvae.jobs.results import AugmentResult
+
+
+@dataclass(frozen=True)
+class Draw:
+    """One label's share of an augment call.
+
+    Attributes:
+        label: the label the rows get (None: unlabelled).
+        label_index: the class index to condition on (conditional models), else None.
+        count: images to sample.
+        seed: the sampling seed, derived from the call's seed and the label, so two labels never share
+            latent draws or row ids.
+    """
+
+    label: str | None
+    label_index: int | None
+    count: int
+    seed: int
+
+
+def label_seed(seed: int, label: str | None) -> int:
+    """A sampling seed for ``(seed, label)``: stable across runs, distinct for distinct labels."""
+    digest = hashlib.sha256(f"medvae-augment\0{seed}\0{label or ''}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1  # torch seeds must fit a signed 64-bit integer
+
+
+def synthetic_id(model_hash: str, draw: Draw, k: int) -> str:
+    """The row id of draw ``k`` of a label's draws: the same model, seed, label and index give the same id.
+
+    A repeated augment with the same settings therefore adds nothing new (and says so), while another
+    label or seed can never reuse an id.
+    """
+    data = f"{draw.seed}\0{draw.label or ''}\0{k}".encode()
+    return "syn-" + keyed_hash(model_hash.encode(), "synthetic", data)[:28]
+
+
+def plan_draws(label_names: list[str], conditional: bool, cfg: AugmentConfig) -> list[Draw]:
+    """How many images to draw for which label.
+
+    A conditional model samples the requested label, or splits ``count`` over all its labels. An
+    unconditional model samples what it was trained on, so it may carry a label only when its training
+    rows had exactly that one label.
+
+    Raises:
+        ValueError: for a label the model was not trained on.
+    """
+    if conditional:
+        wanted = [cfg.label] if cfg.label else label_names
+        unknown = [w for w in wanted if w not in label_names]
+        if unknown:
+            raise ValueError(f"label {unknown[0]!r} is not one the model knows: {label_names}")
+        return [
+            Draw(w, label_names.index(w), cfg.count // len(wanted) + (i < cfg.count % len(wanted)), 0)
+            for i, w in enumerate(wanted)
+        ]
+    only = label_names[0] if len(label_names) == 1 else None
+    if cfg.label is not None and cfg.label != only:
+        trained = f"only {only!r}" if only else f"mixed labels {label_names} without conditioning"
+        raise ValueError(
+            f"this unconditional model was trained on {trained}, so its samples cannot be labelled "
+            f"{cfg.label!r}; train with --conditional to sample per label"
+        )
+    return [Draw(only, None, cfg.count, 0)]
+
+
+def _with_seeds(draws: list[Draw], seed: int) -> list[Draw]:
+    return [Draw(d.label, d.label_index, d.count, label_seed(seed, d.label)) for d in draws]
+
+
+def generate_synthetic(model_dir: Path, store_uri: str, cfg: AugmentConfig) -> tuple[pa.Table, AugmentResult]:
+    """Sample synthetic images, drop those too close to a training image, and build their store rows.
+
+    Returns:
+        The rows to commit (origin synthetic, label, model hash, seed) and the privacy-filter figures.
+    """
+    from medvae.synth.privacy import privacy_filter, privacy_threshold
+    from medvae.synth.sample import sample_images
+    from medvae.vae.artifacts import load_model
+
+    loaded = load_model(model_dir)
+    draws = _with_seeds(plan_draws(loaded.label_names, loaded.cfg.model.conditional, cfg), cfg.seed)
+    train = _privacy_reference(loaded.meta.get("dataset", {}), store_uri)
+    threshold = privacy_threshold(train, cfg.privacy_quantile)
+    rows = empty_rows()
+    kept: Counter[str] = Counter()
+    requested = 0
+    for draw in draws:
+        if draw.count <= 0:
+            continue
+        samples = sample_images(loaded.model, draw.count, label_index=draw.label_index, seed=draw.seed)
+        keep = privacy_filter(samples, train, threshold).keep
+        requested += draw.count
+        for k in np.flatnonzero(keep):
+            _append_row(rows, samples[k], synthetic_id(loaded.hash, draw, int(k)), draw, loaded.hash)
+        kept[draw.label or ""] += int(keep.sum())
+    total = sum(kept.values())
+    result = AugmentResult(
+        requested=requested,
+        kept=total,
+        rejected=requested - total,
+        privacy_threshold=float(threshold),
+        model_hash=loaded.hash,
+        per_label=dict(kept),
+    )
+    return to_arrow(rows), result
+
+
+def _privacy_reference(dataset: dict[str, Any], store_uri: str) -> np.ndarray:
+    # Every real row matching the training filter: a superset of what the model saw (its val and test
+    # rows too), which only makes the filter stricter.
+    store = Store(dataset.get("store", store_uri))
+    return images_from(store.read(dataset.get("version"), where=dataset.get("where") or None))
+
+
+def _append_row(rows: dict[str, list[Any]], image: np.ndarray, rid: str, draw: Draw, model_hash: str) -> None:
+    values = {
+        "id": rid,
+        "height": image.shape[0],
+        "width": image.shape[1],
+        "pixels": image.tobytes(),
+        "label": draw.label,
+        "origin": "synthetic",
+        "model_hash": model_hash,
+        "seed": draw.seed,
+        "split": "train",
+    }
+    for name, column in rows.items():
+        column.append(values.get(name))
+
+
+def augment_job(model_dir: Path, store_uri: str, cfg: AugmentConfig) -> AugmentResult:
+    """Generate synthetic images, commit the kept ones as one new store version, then write DICOMs.
+
+    Rows whose ids are already in the store (an earlier augment with the same model, seed and label)
+    are not added twice; the result says how many were added and how many were already there. DICOM
+    files are written only after the commit succeeded, named by row id.
+    """
+    from dataclasses import replace
+
+    rows, result = generate_synthetic(model_dir, store_uri, cfg)
+    store = Store(store_uri)
+    present = store.ids("id") & set(rows.column("id").to_pylist()) if rows.num_rows else set()
+    meta = lineage("augment", to_jsonable(cfg), model_hash=result.model_hash, privacy=result.to_dict())
+    version = store.insert_new(rows, meta)
+    result = replace(
+        result, version=version, rows_added=rows.num_rows - len(present), already_present=len(present)
+    )
+    if cfg.write_dicom is not None and rows.num_rows:
+        result = replace(result, **_write_dicoms(rows, cfg, result.model_hash))
+    return result
+
+
+def _write_dicoms(rows: pa.Table, cfg: AugmentConfig, model_hash: str) -> dict[str, Any]:
+    from medvae.synth.dicom import write_synthetic_dicom
+
+    assert cfg.write_dicom is not None
+    paths = write_synthetic_dicom(
+        images_from(rows),
+        cfg.write_dicom,
+        labels=rows.column("label").to_pylist(),
+        model_hash=model_hash,
+        seed=cfg.seed,
+    )
+    return {"dicom_dir": str(cfg.write_dicom), "dicom_files": len(paths)}
+
+
+def sample_pictures(model_dir: Path, out_dir: Path, *, seed: int = 0, label: str | None = None) -> list[str]:
+    """Grids of synthetic samples, one per label the model can sample (or the one asked for).
+
+    Only synthetic images: real scans (and any text burned into them) never go into these pictures.
+    """
+    from medvae.synth.pictures import save_grid
+    from medvae.synth.sample import sample_images
+    from medvae.vae.artifacts import load_model
+
+    loaded = load_model(model_dir)
+    cfg = AugmentConfig(count=32 * max(1, len(loaded.label_names)), label=label, seed=seed)
+    draws = _with_seeds(plan_draws(loaded.label_names, loaded.cfg.model.conditional, cfg), seed)
+    paths = []
+    for draw in draws:
+        images = sample_images(loaded.model, 32, label_index=draw.label_index, seed=draw.seed)
+        name = f"samples_{draw.label}.png" if draw.label else "samples.png"
+        paths.append(str(save_grid(images, out_dir / _safe(name))))
+    return paths
+
+
+def _safe(name: str) -> str:
+    from medvae._io import safe_name
+
+    return safe_name(name.removesuffix(".png"), "samples") + ".png"
