@@ -65,7 +65,11 @@ def _serve(cfg: object, name: str, api_url: str) -> None:
         from flows.pipeline import pipeline_flow
 
         note(f"serving {name} on cron {cfg.schedule!r} against {api_url}; Ctrl-C to stop")
-        pipeline_flow.serve(name=name, cron=cfg.schedule, parameters={"config": to_jsonable(cfg)})
+        # One run at a time: a run trains on the version it ingested; a run due while one is still going
+        # waits for it (a deployment concurrency limit, as in prefect.yaml).
+        pipeline_flow.serve(
+            name=name, cron=cfg.schedule, parameters={"config": to_jsonable(cfg)}, global_limit=1
+        )
 
 
 def main() -> None:

@@ -94,7 +94,8 @@ def safe_name(text: str | None, fallback: str, max_len: int = 100) -> str:
     return name[:max_len] or fallback
 
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# Tab is harmless and separates columns; every other C0/C1 control character and DEL is escaped.
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
 
 
 def printable(text: object) -> str:
