@@ -447,8 +447,16 @@ def evaluate(
             source, out_dir, normal_label=normal_label, cfg=cfg, store_version=version, progress=True
         )
         for line in summary_lines(metrics):
-            out.print(line, highlight=False, soft_wrap=True)  # a figure split over two lines misleads
+            # A score running backwards (AUROC < 0.5) must not scroll past unnoticed among the figures.
+            style = "bold red" if line.startswith("WARNING:") else None
+            out.print(line, style=style, highlight=False, soft_wrap=True)  # no figure split over two lines
         out.print(f"wrote {out_dir / 'metrics.json'} and {out_dir / 'report.html'}", highlight=False)
+        if metrics["warnings"]:
+            console.print(
+                f"WARNING: {len(metrics['warnings'])} AUROC value(s) below 0.5; see the report's banner",
+                style="bold red",
+                highlight=False,
+            )
 
     run_cli(body)
 
