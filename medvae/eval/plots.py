@@ -121,24 +121,24 @@ def plot_gallery(
     """Test images with their score, percentile among held-out normals, true label and the decision.
 
     A tile's caption is red when the calibrated threshold gets it wrong (a flagged normal, a missed
-    abnormal); the file name (without folders) is printed under it.
+    abnormal); the file name (without folders) heads it.
     """
     plt = _pyplot()
     cols = min(4, max(len(tiles), 1))
     rows = max(-(-len(tiles) // cols), 1)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.3 * cols, 2.75 * rows + 0.4), dpi=100, squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.3 * cols, 2.9 * rows + 0.5), dpi=100, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, tile, img in zip(axes.flat, tiles, images, strict=False):
         ax.imshow(img, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
         verdict = "FLAGGED" if tile["flagged"] else "not flagged"
+        # The file name goes in the title too: tight_layout then keeps every caption clear of its neighbours.
         ax.set_title(
-            f"{tile['label']} · {verdict}\nscore {tile['score']:.3g} · pct {tile['percentile']:.1f}",
+            f"{_short(Path(tile['name']).name)}\n{tile['label']} · {verdict}\n"
+            f"score {tile['score']:.3g} · pct {tile['percentile']:.1f}",
             fontsize=8,
             color="firebrick" if tile["flagged"] != tile["abnormal"] else "black",  # red: a wrong call
         )
-        name = _short(Path(tile["name"]).name)
-        ax.text(0.5, -0.04, name, transform=ax.transAxes, ha="center", va="top", fontsize=7)
     legend = f"threshold {threshold:.3g}; pct: percentile among held-out normals; red: a wrong call"
     fig.suptitle(f"{title}\n{legend}", fontsize=10)
     return _save(fig, path)

@@ -184,7 +184,8 @@ def make_figures(
     if utility:
         for f in utility[0].fractions:
             runs = [u.fractions[f] for u in utility]
-            title = f"{float(f):.0%} of labels: DCR over {len(runs)} seeds (dotted: test 1st percentile)"
+            seeds = f"{len(runs)} seed{'s' if len(runs) > 1 else ''}"
+            title = f"{float(f):.0%} of labels: DCR over {seeds} (dotted: test 1st percentile)"
             figs[f"dcr_{f}"] = Figure(plots.plot_dcr(runs, title, out / f"dcr_{f}.png"), title)
         figs["utility"] = Figure(
             plots.plot_utility(metrics["utility"]["summary"], out / "utility.png"), "Fixed-CNN test AUROC"
