@@ -1,4 +1,4 @@
-"""Run medvae.eval.study.evaluate on a labelled folder and print the headline figures and the wall time."""
+"""Run medvae.eval.study.evaluate on a labelled folder or store; print the headline figures and wall time."""
 
 from __future__ import annotations
 

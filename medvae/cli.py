@@ -57,6 +57,12 @@ def note(text: str) -> None:
     print(printable(text), file=sys.stderr, flush=True)
 
 
+def warn(text: str) -> None:
+    """A loud warning on stderr: bold red on a terminal, the same text elsewhere."""
+    line = printable(text)
+    print(f"\x1b[1;31m{line}\x1b[0m" if sys.stderr.isatty() else line, file=sys.stderr, flush=True)
+
+
 @app.callback()
 def _main(
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
@@ -491,8 +497,11 @@ def evaluate(
             source, out_dir, normal_label=normal_label, cfg=cfg, store_version=version, progress=True
         )
         for line in summary_lines(metrics):
-            say(line)
+            # A score running backwards (AUROC < 0.5) must not scroll past unnoticed among the figures.
+            (warn if line.startswith("WARNING:") else say)(line)
         say(f"wrote {out_dir / 'metrics.json'} and {out_dir / 'report.html'}")
+        if metrics["warnings"]:
+            warn(f"WARNING: {len(metrics['warnings'])} AUROC value(s) below 0.5; see the report's banner")
 
     run_cli(body)
 

@@ -209,6 +209,65 @@ class PipelineConfig(_Frozen):
     runner: RunnerConfig = RunnerConfig()
 
 
+class Target(_Frozen):
+    """A pass/fail criterion on one figure of ``metrics.json``, checked and reported by ``medvae evaluate``.
+
+    ``metric`` is a dotted path into ``metrics.json``. Two placeholders name run-dependent keys:
+    ``{primary_score}`` (the calibrated score) and ``{min_fraction}`` (the smallest label fraction); a ``*``
+    segment expands to every key at that level (one check per key, e.g. per label fraction). The check is
+    ``observed <op> value`` or, with ``relative_to`` (a path expanded the same way), ``observed <op> value *
+    reference``. A target whose study did not run is left out; one whose figure is missing is "n/a".
+    """
+
+    metric: str = Field(description="Dotted path into metrics.json, anomaly.summary.scores.kl.auroc.mean")
+    op: Literal[">=", ">", "<=", "<", "=="] = Field(">=", description="The comparison.")
+    value: float = Field(description="The threshold (a factor of `relative_to` when that is given).")
+    relative_to: str | None = Field(None, description="Optional path of a reference figure.")
+    name: str | None = Field(
+        None,
+        description="A readable name; {primary_score}, {key} (the key a * matched) and {fraction} (that key "
+        "as a percentage) are filled in.",
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _known_placeholders(cls, v: str | None) -> str | None:
+        import string
+
+        fields = {f for _, f, _, _ in string.Formatter().parse(v or "") if f is not None}
+        unknown = fields - {"primary_score", "key", "fraction"}
+        if unknown:
+            raise ValueError(f"target name {v!r}: unknown placeholder(s) {sorted(unknown)}")
+        return v
+
+
+_DEFAULT_TARGETS = (
+    Target(
+        name="primary latent score AUROC >= 0.85 ({primary_score})",
+        metric="anomaly.summary.scores.{primary_score}.auroc.mean",
+        value=0.85,
+    ),
+    Target(
+        name="real+synthetic >= real at {fraction} labels",
+        metric="utility.summary.{min_fraction}.real_synthetic.mean",
+        value=1.0,
+        relative_to="utility.summary.{min_fraction}.real.mean",
+    ),
+    Target(
+        name="TSTR >= 0.9 x real at {fraction} labels",
+        metric="utility.summary.*.synthetic.mean",
+        value=0.9,
+        relative_to="utility.summary.*.real.mean",
+    ),
+    Target(
+        name="no kept synthetic image nearer than the test 1st percentile at {fraction} labels",
+        metric="privacy.summary.*.near_copy_share_after.max",
+        op="<=",
+        value=0.0,
+    ),
+)
+
+
 class EvaluateConfig(_Frozen):
     """Everything ``medvae evaluate`` does, fixed up front so that a run is reproducible from its config.
 
@@ -256,6 +315,15 @@ class EvaluateConfig(_Frozen):
     )
     workers: int = Field(0, ge=0, description="Decoder processes for an ImageFolder; 0: one per core.")
     pictures: int = Field(16, ge=2, description="Images per picture grid.")
+    gallery: int = Field(
+        8, ge=1, description="Tiles per report gallery (worst false positives, lowest-scoring abnormals)."
+    )
+    bootstrap: int = Field(
+        1000, ge=0, description="Stratified bootstrap resamples for the 95% AUROC intervals; 0: none."
+    )
+    targets: tuple[Target, ...] = Field(
+        _DEFAULT_TARGETS, description="Pass/fail criteria reported in metrics.json, the report and the CLI."
+    )
 
     @field_validator("split_fractions")
     @classmethod

@@ -3,9 +3,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 from pydantic import ValidationError
 
-from medvae.config import IngestConfig, PipelineConfig, TrainConfig, load_config, parse_overrides
+from medvae.config import (
+    EvaluateConfig,
+    IngestConfig,
+    PipelineConfig,
+    TrainConfig,
+    load_config,
+    parse_overrides,
+    to_jsonable,
+)
 
 
 def test_overrides_parse_yaml_scalars() -> None:
@@ -36,14 +45,46 @@ def test_unknown_keys_and_bad_values_fail(tmp_path: Path) -> None:
         load_config(TrainConfig, None, ["model.image_size=60"])  # not divisible by 2**4
 
 
-def test_configs_dir_validates() -> None:
+STAGES = {
+    "pipeline": PipelineConfig,
+    "ingest": IngestConfig,
+    "train": TrainConfig,
+    "evaluate": EvaluateConfig,
+}
+
+
+def _restated(data: dict, default: dict, at: str = "") -> list[str]:
+    """Keys of a YAML mapping whose value equals the model's default (a second source of defaults)."""
+    out = []
+    for k, v in data.items():
+        if isinstance(v, dict) and isinstance(default.get(k), dict):
+            out += _restated(v, default[k], f"{at}{k}.")
+        elif k in default and v == default[k]:
+            out.append(f"{at}{k}")
+    return out
+
+
+def test_configs_dir_validates_and_restates_no_default() -> None:
     root = Path(__file__).resolve().parents[1] / "configs"
     files = sorted(root.glob("*.yaml"))
-    assert files, "configs/ must hold the stage YAML files"
+    assert {f.stem for f in files} == set(STAGES), "configs/ holds one YAML per stage"
     for f in files:
-        cls = {"pipeline": PipelineConfig, "ingest": IngestConfig, "train": TrainConfig}.get(f.stem)
-        if cls is not None:
-            load_config(cls, f)
+        cls = STAGES[f.stem]
+        load_config(cls, f)  # validates
+        data = yaml.safe_load(f.read_text()) or {}
+        defaults = to_jsonable(cls())
+        assert _restated(yaml.safe_load(yaml.safe_dump(data, default_flow_style=None)), defaults) == [], (
+            f.name
+        )
+
+
+def test_the_restated_default_check_can_fail() -> None:
+    assert _restated(
+        {"epochs": 30, "loss": {"beta": 1.0, "kl_warmup_epochs": 9}}, to_jsonable(TrainConfig())
+    ) == [
+        "epochs",
+        "loss.beta",
+    ]
 
 
 def test_configs_are_frozen() -> None:

@@ -11,14 +11,8 @@ from PIL import Image
 
 from medvae.config import EvaluateConfig, IngestConfig, ModelConfig, TrainConfig
 from medvae.data.splits import check_no_leak, grouped_subsample, merge_duplicate_groups, patient_split
-from medvae.eval.study import (
-    binary_metrics,
-    combined_zscore,
-    evaluate,
-    list_image_folder,
-    load_dataset,
-    summarise,
-)
+from medvae.eval.data import list_image_folder, load_dataset
+from medvae.eval.study import evaluate
 
 
 def _groups(n_patients: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -78,26 +72,6 @@ def test_duplicate_images_join_their_patients() -> None:
     assert len(set(groups.tolist())) == 2
 
 
-def test_auroc_on_a_crafted_case() -> None:
-    y = np.array([0, 0, 1, 1])
-    # Of the 4 (abnormal, normal) pairs, 3 are ranked correctly: AUROC = 3/4.
-    m = binary_metrics(y, np.array([0.1, 0.4, 0.35, 0.8]))
-    assert m["auroc"] == pytest.approx(0.75)
-    # Average precision: ranks 0.8 (tp), 0.4 (fp), 0.35 (tp) -> (1/1 + 2/3) / 2.
-    assert m["auprc"] == pytest.approx((1.0 + 2.0 / 3.0) / 2.0)
-    assert binary_metrics(y, np.array([0.0, 0.1, 0.9, 1.0]))["auroc"] == 1.0
-
-
-def test_summarise_and_combined_score() -> None:
-    s = summarise([0.8, 0.9, 1.0])
-    assert s["mean"] == pytest.approx(0.9)
-    assert s["sd"] == pytest.approx(0.1)
-    assert summarise([0.5])["sd"] == 0.0
-    ref = {"a": np.array([0.0, 2.0]), "b": np.array([10.0, 30.0])}
-    z = combined_zscore({"a": np.array([1.0, 3.0]), "b": np.array([20.0, 40.0])}, ref, ["a", "b"])
-    assert np.allclose(z, [0.0, 4.0])  # (x - mean) / sd per score, summed
-
-
 def _tiny_folder(root: Path, n: int = 24) -> Path:
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[0:64, 0:64]
@@ -154,7 +128,7 @@ def test_evaluate_end_to_end_on_a_tiny_folder(tmp_path: Path) -> None:
     for key in ("sensitivity", "specificity", "ssim", "psnr"):
         assert on_disk["anomaly"]["summary"][key]["mean"] is not None
     u = on_disk["utility"]["summary"]["0.5"]
-    assert set(u) == {"real", "real_synthetic", "synthetic", "tstr_ratio"}
+    assert set(u) == {"real", "real_synthetic", "synthetic", "tstr_ratio", "real_synthetic_minus_real"}
     p = on_disk["privacy"]["summary"]["0.5"]
     assert p["near_copy_share_after"]["mean"] == 0.0
     splits = on_disk["data"]["splits"]
@@ -238,3 +212,28 @@ def test_cli_evaluate_writes_metrics_and_prints_the_headline(tmp_path: Path) -> 
     # A bad normal label is a one-line error, not a traceback.
     bad = CliRunner().invoke(app, ["evaluate", str(root), "--out", str(out), "--normal-label", "healthy"])
     assert bad.exit_code == 1 and "normal label" in bad.output and "Traceback" not in bad.output
+
+
+def test_evaluate_refuses_a_model_directory(tmp_path: Path) -> None:
+    root = _tiny_folder(tmp_path / "data", n=4)
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "weights.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match="model directory"):
+        evaluate(root, model_dir, normal_label="normal", cfg=EvaluateConfig(workers=1), progress=False)
+    assert not (model_dir / "pictures").exists() and not (model_dir / "cache").exists()
+
+
+def test_undecodable_files_are_reported_not_dropped(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from medvae.eval.data import report_rejected
+
+    root = _tiny_folder(tmp_path / "data", n=2)
+    (root / "normal" / "broken.png").write_bytes(b"not a png")
+    data, info = load_dataset(root, store_version=None, ingest_cfg=IngestConfig(), workers=1, cache_dir=None)
+    assert len(data.images) == 4
+    (name, reason), *rest = info["rejected"]
+    assert name == "normal/broken.png" and reason and not rest
+    report_rejected(info["rejected"])
+    assert "normal/broken.png" in capsys.readouterr().err

@@ -1,0 +1,202 @@
+"""Tests for the evaluation's metrics assembly, targets, warnings, galleries, figures and HTML report.
+
+They build anomaly runs from crafted scores (no training), so every expected figure is known exactly.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from medvae.config import EvaluateConfig, Target
+from medvae.eval import plots
+from medvae.eval.anomaly import AnomalyRun
+from medvae.eval.data import EvalData, EvalSplit, LabelledImages
+from medvae.eval.report import Figure, render_report
+from medvae.eval.scores import REGISTRY
+from medvae.eval.study import build_metrics, make_figures, summary_lines
+from medvae.eval.targets import check_targets
+
+# Test split: 6 normals, then 6 abnormals. Positions 0..11 in the data; 12..15 are train/val.
+_Y = np.array([0] * 6 + [1] * 6)
+_GOOD = np.array([1.0, 2.0, 3.0, 4.0, 5.0, 9.0, 4.5, 6.0, 7.0, 8.0, 10.0, 11.0])  # AUROC 31/36
+
+
+def _data() -> EvalData:
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (16, 8, 8), dtype=np.uint8)
+    labels = np.array(["normal"] * 6 + ["pneumonia"] * 6 + ["normal"] * 4)
+    names = [f"{lbl}/img{i}.png" for i, lbl in enumerate(labels)]
+    names[5] = "normal/<script>alert(1)</script>.png"  # file names are data: they must be escaped
+    src = LabelledImages(images, labels, np.array([f"p{i}" for i in range(16)]), np.array(names))
+    assignment = np.array(["test"] * 12 + ["train"] * 2 + ["val"] * 2)
+    split = EvalSplit(
+        train_normal=np.array([12, 13]),
+        val_normal=np.array([14, 15]),
+        test=np.arange(12),
+        test_y=_Y,
+        train_all=np.array([12, 13]),
+        val_all=np.array([14, 15]),
+    )
+    y01 = (labels != "normal").astype(np.int64)
+    intensity = {"at_ingest": "none", "applied_here": "none"}
+    return EvalData(images, y01, src.groups, src, assignment, split, intensity)
+
+
+def _run(seed: int, primary_scores: np.ndarray, threshold: float = 8.5) -> AnomalyRun:
+    scores = {k: _GOOD.copy() for k in REGISTRY}
+    scores["mahalanobis"] = primary_scores
+    scores["kl"] = -_GOOD  # runs backwards: AUROC 2/36
+    val = {k: np.array([1.0, 2.0]) for k in REGISTRY}
+    return AnomalyRun(
+        seed=seed,
+        primary="mahalanobis",
+        threshold=threshold,
+        target_fpr=0.05,
+        test_index=np.arange(12),
+        y=_Y,
+        scores=scores,
+        val_scores=val,
+        percentile=np.linspace(0, 100, 12),
+        auroc_ci={k: (0.5, 1.0) for k in REGISTRY},
+        fidelity={"ssim": 0.5, "psnr": 20.0, "n": 6},
+        training={
+            "best_epoch": 0,
+            "epochs_run": 1,
+            "stopped_early": False,
+            "device": "cpu",
+            "train_seconds": 1,
+        },
+        n_train_normal=2,
+    )
+
+
+def _metrics(cfg: EvaluateConfig | None = None) -> tuple[dict, list[AnomalyRun], EvalData]:
+    cfg = cfg or EvaluateConfig(gallery=3)
+    ed = _data()
+    runs = [_run(0, _GOOD), _run(1, _GOOD + 0.1)]
+    run = {"source": "/data", "normal_label": "normal", "device": "cpu"}
+    m = build_metrics(
+        ed, cfg, runs, [], run=run, info={"kind": "folder", "rejected": [("bad.png", "truncated")]}
+    )
+    m["timing"] = {"total_seconds": 1.0}
+    return m, runs, ed
+
+
+def test_operating_point_figures_at_the_calibrated_threshold() -> None:
+    m, _, _ = _metrics()
+    r = m["anomaly"]["per_seed"][0]
+    # Threshold 8.5 flags the normal scoring 9 and the abnormals scoring 10 and 11.
+    assert r["confusion"] == {"tn": 5, "fp": 1, "fn": 4, "tp": 2}
+    assert r["test_fpr"]["value"] == pytest.approx(1 / 6) and r["test_fpr"]["target"] == 0.05
+    lo, hi = r["test_fpr"]["ci95"]
+    assert lo < 1 / 6 < hi and hi < 0.65
+    assert r["sensitivity"] == pytest.approx(2 / 6) and r["specificity"] == pytest.approx(5 / 6)
+    assert r["scores"]["mahalanobis"]["auroc"] == pytest.approx(31 / 36)
+    assert m["data"]["rejected"] == [{"name": "bad.png", "reason": "truncated"}]
+
+
+def test_gallery_holds_the_worst_false_positives_and_the_lowest_abnormals() -> None:
+    m, _, _ = _metrics()
+    g = m["anomaly"]["gallery"]
+    assert [t["score"] for t in g["false_positives"]] == [9.0, 5.0, 4.0]
+    assert [t["flagged"] for t in g["false_positives"]] == [True, False, False]
+    assert [t["score"] for t in g["missed"]] == [4.5, 6.0, 7.0]
+    assert all(t["label"] == "pneumonia" and not t["flagged"] for t in g["missed"])
+    assert g["false_positives"][0]["name"].endswith("</script>.png")
+    assert g["missed"][0]["percentile"] == pytest.approx(100 * 6 / 11)
+
+
+def test_a_backwards_score_is_a_warning_in_metrics_summary_and_report(tmp_path: Path) -> None:
+    m, runs, ed = _metrics()
+    assert len(m["warnings"]) == 1 and "kl" in m["warnings"][0] and "seeds [0, 1]" in m["warnings"][0]
+    lines = summary_lines(m)
+    assert lines[0].startswith("WARNING: anomaly score kl")
+    html = render_report(m, make_figures(ed, runs, [], m, tmp_path))
+    assert 'class="banner"' in html and "runs backwards" in html
+    # Without a backwards score there is no banner.
+    for r in runs:
+        r.scores["kl"] = _GOOD
+    m2 = build_metrics(
+        ed,
+        EvaluateConfig(),
+        runs,
+        [],
+        run={"source": "s", "normal_label": "normal", "device": "cpu"},
+        info={},
+    )
+    m2["timing"] = {"total_seconds": 1.0}
+    assert m2["warnings"] == [] and 'class="banner"' not in render_report(m2, {})
+
+
+def test_report_embeds_every_figure_and_escapes_file_names(tmp_path: Path) -> None:
+    m, runs, ed = _metrics()
+    figs = make_figures(ed, runs, [], m, tmp_path)
+    for role in ("roc", "pr", "confusion", "score_hist", "gallery_fp", "gallery_missed"):
+        assert figs[role].path.exists(), role
+    html = render_report(m, figs)
+    assert html.count("data:image/png;base64,") == 6  # the model grids were never written: left out
+    assert "<script>alert" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;.png" in html
+    assert "Clopper-Pearson" in html and "16.7% (1/6)" in html
+    assert re.search(r"mahalanobis \(primary\)</td>\s*<td[^>]*>0\.861", html)
+    # The one figure no template slot knows still appears.
+    extra = Figure(figs["roc"].path, "an extra figure")
+    assert "an extra figure" in render_report(m, {**figs, "something_new": extra})
+
+
+def test_targets_come_from_the_config_not_the_code() -> None:
+    m, _, _ = _metrics()
+    rows = {t["target"]: t for t in m["targets"]}
+    primary = rows["primary latent score AUROC >= 0.85 (mahalanobis)"]
+    assert primary["met"] is True and primary["observed"] == pytest.approx(31 / 36)
+    assert all("utility" not in t["metric"] for t in m["targets"])  # the utility study did not run
+    strict = EvaluateConfig(
+        targets=(Target(metric="anomaly.summary.scores.{primary_score}.auroc.mean", value=0.99),)
+    )
+    (row,) = check_targets(strict.targets, m)
+    assert row["met"] is False and row["required"] == 0.99
+    assert row["target"] == "anomaly.summary.scores.mahalanobis.auroc.mean >= 0.99"  # the default name
+
+
+def test_target_paths_expand_wildcards_dotted_keys_and_references() -> None:
+    metrics = {
+        "anomaly": {"summary": {"primary_score": "kl"}},
+        "utility": {
+            "summary": {
+                "1": {"a": {"mean": 0.8}, "b": {"mean": 0.9}},
+                "0.1": {"a": {"mean": 0.5}, "b": {"mean": None}},
+            }
+        },
+    }
+    t = Target(
+        name="a vs b at {fraction}",
+        metric="utility.summary.*.a.mean",
+        value=0.85,
+        relative_to="utility.summary.*.b.mean",
+    )
+    rows = check_targets([t], metrics)
+    assert [(r["target"], r["metric"], r["met"]) for r in rows] == [
+        ("a vs b at 100%", "utility.summary.1.a.mean", True),  # 0.8 >= 0.85 * 0.9
+        ("a vs b at 10%", "utility.summary.0.1.a.mean", None),  # the reference is missing: n/a
+    ]
+    (low,) = check_targets(
+        [Target(metric="utility.summary.{min_fraction}.a.mean", op="<", value=0.6)], metrics
+    )
+    assert low["metric"] == "utility.summary.0.1.a.mean" and low["met"] is True
+    assert check_targets([Target(metric="privacy.summary.*.x", value=0)], metrics) == []  # not run
+    with pytest.raises(ValueError, match="placeholder"):
+        Target(name="at {fracton}", metric="a.b", value=1)
+
+
+def test_utility_axis_shows_a_bar_far_below_chance() -> None:
+    s = {"mean": 0.237, "sd": 0.01}
+    fig = plots.utility_figure(
+        {"1": {"real": s, "real_synthetic": s, "synthetic": {"mean": None, "sd": None}}}
+    )
+    ax = fig.axes[0]
+    assert ax.get_ylim()[0] <= 0.0 and ax.get_ylim()[1] >= 1.0
+    assert {t.get_text() for t in ax.texts} >= {"0.237", "n/a"}
+    plots._pyplot().close(fig)
