@@ -91,6 +91,15 @@ class ModelConfig(_Frozen):
     )
     conditional: bool = False
     num_classes: int = Field(0, ge=0, description="Number of labels for a conditional VAE (set from data).")
+    conditioning: Literal["cbn", "concat"] = Field(
+        "cbn",
+        description="How a conditional VAE's decoder sees the label. cbn: a per-class BatchNorm scale and "
+        "shift in every decoder block (and the one-hot appended to z); concat: the one-hot appended to z "
+        "only, which the decoder learned to ignore (label fidelity AUROC 0.72 vs 0.97, docs/quality.md).",
+    )
+    encoder_label_planes: bool = Field(
+        True, description="A conditional VAE's encoder also sees the label as one constant plane per class."
+    )
 
     @model_validator(mode="after")
     def _size_divides(self) -> ModelConfig:
@@ -157,6 +166,15 @@ class AugmentConfig(_Frozen):
     )
     write_dicom: Path | None = Field(
         None, description="Also write Secondary Capture DICOMs into this folder."
+    )
+    sampler: Literal["gmm", "prior"] = Field(
+        "gmm",
+        description="Where latent codes come from. gmm: the per-label Gaussian mixture fitted on the "
+        "training posterior means (saved with the model); prior: N(0, I), whose samples are the grey mush "
+        "between real images (docs/quality.md).",
+    )
+    temperature: float = Field(
+        1.0, gt=0, le=4, description="Scale of the mixture components' covariances (gmm sampler only)."
     )
 
 

@@ -96,6 +96,7 @@ def generate_synthetic(model_dir: Path, store_uri: str, cfg: AugmentConfig) -> t
 
     loaded = load_model(model_dir)
     draws = _with_seeds(plan_draws(loaded.label_names, loaded.cfg.model.conditional, cfg), cfg.seed)
+    sampler = _sampler(model_dir, cfg)
     train = _privacy_reference(loaded.meta.get("dataset", {}), store_uri)
     threshold = privacy_threshold(train, cfg.privacy_quantile)
     rows = empty_rows()
@@ -104,7 +105,9 @@ def generate_synthetic(model_dir: Path, store_uri: str, cfg: AugmentConfig) -> t
     for draw in draws:
         if draw.count <= 0:
             continue
-        samples = sample_images(loaded.model, draw.count, label_index=draw.label_index, seed=draw.seed)
+        samples = sample_images(
+            loaded.model, draw.count, label_index=draw.label_index, seed=draw.seed, sampler=sampler
+        )
         keep = privacy_filter(samples, train, threshold).keep
         requested += draw.count
         for k in np.flatnonzero(keep):
@@ -120,6 +123,25 @@ def generate_synthetic(model_dir: Path, store_uri: str, cfg: AugmentConfig) -> t
         per_label=dict(kept),
     )
     return to_arrow(rows), result
+
+
+def _sampler(model_dir: Path, cfg: AugmentConfig) -> Any:
+    """The model's latent mixture at the configured temperature, or None for prior sampling.
+
+    Raises:
+        ValueError: when the mixture is asked for but the model directory has none (trained before it).
+    """
+    from medvae.synth.latent import load_sampler
+
+    if cfg.sampler == "prior":
+        return None
+    sampler = load_sampler(model_dir)
+    if sampler is None:
+        raise ValueError(
+            f"{model_dir} has no latent sampler (it was trained by an older medvae): retrain it, or sample "
+            "from the prior with --set sampler=prior"
+        )
+    return sampler.with_temperature(cfg.temperature)
 
 
 def _privacy_reference(dataset: dict[str, Any], store_uri: str) -> np.ndarray:
@@ -194,8 +216,11 @@ def sample_pictures(model_dir: Path, out_dir: Path, *, seed: int = 0, label: str
     cfg = AugmentConfig(count=32 * max(1, len(loaded.label_names)), label=label, seed=seed)
     draws = _with_seeds(plan_draws(loaded.label_names, loaded.cfg.model.conditional, cfg), seed)
     paths = []
+    sampler = _sampler(model_dir, cfg)
     for draw in draws:
-        images = sample_images(loaded.model, 32, label_index=draw.label_index, seed=draw.seed)
+        images = sample_images(
+            loaded.model, 32, label_index=draw.label_index, seed=draw.seed, sampler=sampler
+        )
         name = f"samples_{draw.label}.png" if draw.label else "samples.png"
         paths.append(str(save_grid(images, out_dir / _safe(name))))
     return paths

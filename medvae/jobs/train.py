@@ -127,6 +127,16 @@ def train_job(
         return finish() if ddp is None else distributed.on_main(finish, ddp)
 
 
+def _write_sampler(out_dir: Path, model: Any, data: TrainingData, seed: int) -> None:
+    """Fit the latent sampler that synthetic images start from, on the training posterior means."""
+    from medvae.synth.latent import SAMPLER_JSON, SAMPLER_TENSORS, fit_for_model
+    from medvae.vae.artifacts import write_json, write_tensors
+
+    meta, tensors = fit_for_model(model, data.train_images, data.train_labels, seed=seed).to_files()
+    write_tensors(out_dir, SAMPLER_TENSORS, tensors)
+    write_json(out_dir, SAMPLER_JSON, meta)
+
+
 def _write_model_dir(
     store: Store, out_dir: Path, cfg: TrainConfig, data: TrainingData, result: Any
 ) -> TrainedModel:
@@ -165,6 +175,7 @@ def _write_model_dir(
     cal_json, cal_tensors = cal.to_files()
     write_json(out_dir, "calibration.json", cal_json)
     write_tensors(out_dir, "calibration.safetensors", cal_tensors)
+    _write_sampler(out_dir, result.model, data, cfg.seed)
     return TrainedModel(
         model_dir=str(out_dir),
         model_hash=model_hash(out_dir),

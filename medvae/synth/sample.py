@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from medvae.engine.inference import Device, eval_mode, model_device, resolve_labels, to_uint8
+from medvae.synth.latent import GaussianMixtureSampler
 from medvae.vae.model import ConvVAE
 
 
@@ -18,8 +19,9 @@ def sample_images(
     seed: int,
     device: Device = None,
     batch_size: int = 512,
+    sampler: GaussianMixtureSampler | None = None,
 ) -> np.ndarray:
-    """Decode ``n`` draws from the prior N(0, I) into uint8 images.
+    """Decode ``n`` latent draws into uint8 images: from ``sampler`` when given, else the prior N(0, I).
 
     The latent codes are drawn on the CPU from a generator seeded with ``seed`` before anything moves
     to the device, so the same seed gives the same codes on any device and for any ``batch_size``
@@ -32,6 +34,7 @@ def sample_images(
         seed: the random seed.
         device: where to decode (the model is moved there); None: the model's device.
         batch_size: codes decoded per pass.
+        sampler: a density fitted on training posterior means (:mod:`medvae.synth.latent`).
 
     Returns:
         uint8 array (n, H, W).
@@ -47,8 +50,12 @@ def sample_images(
     if model.n_cond and label_index is None:
         raise ValueError("this VAE is conditional: pass label_index, the class to sample")
     dev = model_device(model, device)
-    gen = torch.Generator(device="cpu").manual_seed(int(seed))
-    z_all = torch.randn(n, model.latent_dim, generator=gen)
+    if sampler is not None:
+        z_all = sampler.sample(n, label_index, seed)
+    else:
+        z_all = torch.randn(
+            n, model.latent_dim, generator=torch.Generator(device="cpu").manual_seed(int(seed))
+        )
     y_all = resolve_labels(model, None, n, label_index)
     size = model.cfg.image_size
     out: list[np.ndarray] = [np.zeros((0, size, size), dtype=np.uint8)]
