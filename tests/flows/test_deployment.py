@@ -108,3 +108,12 @@ def test_failure_alert_watches_failed_crashed_and_timed_out_runs(prefect_harness
 
     with get_client(sync_client=True) as client:
         assert len(client.read_automations_by_name(ALERT_NAME)) == 1
+
+
+def test_prefect_yaml_points_at_sections_that_exist() -> None:
+    import re
+
+    for line in (REPO / "prefect.yaml").read_text().splitlines():
+        for doc, section in re.findall(r"([\w/]+\.md) \(\"([^\"]+)\"\)", line):
+            assert section in (REPO / doc).read_text(), (doc, section)
+    assert re.search(r"[\w/]+\.md \(\"", (REPO / "prefect.yaml").read_text()), "prefect.yaml names its guide"
