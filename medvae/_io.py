@@ -8,9 +8,10 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
+if TYPE_CHECKING:  # numpy costs every command's start-up; only write_png needs it
+    import numpy as np
 
 
 def atomic_write_bytes(path: Path, data: bytes, *, mode: int | None = None) -> Path:
@@ -74,6 +75,7 @@ def write_png(image: np.ndarray, path: Path) -> Path:
     """Write a uint8 (H, W) or (H, W, 3) array as a PNG, atomically."""
     import io
 
+    import numpy as np
     from PIL import Image
 
     buf = io.BytesIO()
