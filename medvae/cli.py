@@ -448,6 +448,42 @@ def screen(
     run_cli(body)
 
 
+@app.command()
+def recalibrate(
+    sources: Annotated[list[Path], typer.Argument(help="Normal scans of this site (files or folders).")],
+    model: Annotated[
+        Path, typer.Option("--model", help="Model directory to recalibrate (changed in place).")
+    ],
+    fpr: Annotated[
+        float | None, typer.Option("--fpr", help="Target false-positive rate (the model's when omitted).")
+    ] = None,
+) -> None:
+    """Set a model's anomaly thresholds on a few hundred of this site's own normal scans.
+
+    Every site's scanners differ, and a threshold calibrated on another cohort's normals does not
+    promise its false-positive rate here. The latent reference stays; the thresholds and percentiles
+    are replaced, and the model directory's hash changes.
+    """
+
+    def body() -> None:
+        from medvae.jobs.screen import recalibrate_job
+
+        res = recalibrate_job(model, sources, fpr=fpr)
+        for r in res.records:
+            if r.status != "scored":
+                note(f"rejected {r.file}: {r.reason}")
+        for warning in res.warnings:
+            note(f"warning: {warning}")
+        low, high = res.fpr_interval
+        say(
+            f"recalibrated on {res.used} normal scans: threshold {res.threshold_before:.4g} -> "
+            f"{res.threshold:.4g} for {res.fpr:.0%} false positives (95 % interval {low:.1%}-{high:.1%}); "
+            f"model {res.model_hash[:12]}"
+        )
+
+    run_cli(body)
+
+
 # ----------------------------------------------------------------------------------------------- evaluate
 @app.command()
 def evaluate(

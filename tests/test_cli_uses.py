@@ -345,3 +345,30 @@ def test_medvae_run_needs_no_prefect_server(tmp_path: Path, sample_dir: Path) ->
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "pipeline: wrote version 1" in out.stderr and "temporary server" not in out.stderr + out.stdout
+
+
+def test_recalibration_on_local_normals_sets_the_promised_rate_there(
+    tmp_path: Path, trained: tuple[Path, Path, Path]
+) -> None:
+    import shutil
+
+    _, _, model0 = trained
+    model = tmp_path / "model"
+    shutil.copytree(model0, model)
+    local = tmp_path / "local"
+    for i in range(60):  # a "site" whose normals look brighter than the training cohort's
+        img = np.asarray(Image.open(_png(tmp_path / "tmp" / f"{i}.png", 300 + i)), dtype=np.int32) + 40
+        local.mkdir(exist_ok=True)
+        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(local / f"IM-{900 + i}-0001.png")
+    before = (model / "hash.txt").read_text().split()[0]
+    res = runner.invoke(app, ["recalibrate", str(local), "--model", str(model), "--fpr", "0.1"])
+    assert res.exit_code == 0, res.output
+    assert "recalibrated on 60 normal scans" in res.output and "95 % interval" in res.output
+    assert (model / "hash.txt").read_text().split()[0] != before
+    out = tmp_path / "s.csv"
+    assert runner.invoke(app, ["screen", str(local), "--model", str(model), "--out", str(out)]).exit_code == 0
+    flags = [int(r["flag"]) for r in csv.DictReader(out.open())]
+    assert len(flags) == 60 and sum(flags) <= 6  # at most 10 % of the calibration normals lie above
+    assert _one_line_error(
+        runner.invoke(app, ["recalibrate", str(tmp_path / "tmp" / "0.png"), "--model", str(model)])
+    )

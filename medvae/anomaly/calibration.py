@@ -31,6 +31,8 @@ class Calibration:
         default_label: for a conditional model, the label index new scans are scored against.
         by_score: the held-out normals' sorted scores for every score in :data:`SCORES`, so that screening
             can flag by another score than the primary one (see :meth:`for_score`).
+        mean_image: the mean of the training images, float64 (H, W) in [0, 1]: the neutral fill of the
+            occlusion heat maps and the reference of their lung mask (empty for old calibrations).
     """
 
     score: str
@@ -42,6 +44,7 @@ class Calibration:
     recon_kind: Literal["bce", "mse"] = "bce"
     default_label: int | None = None
     by_score: dict[str, np.ndarray] = field(default_factory=dict)
+    mean_image: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
 
     def for_score(self, name: str) -> Calibration:
         """This calibration with ``name`` as the flagging score (same normals, same target FPR).
@@ -87,6 +90,7 @@ class Calibration:
             "stats_mean": t(self.stats.mean),
             "stats_precision": t(self.stats.precision),
             **{f"normal_scores.{k}": t(v) for k, v in self.by_score.items()},
+            **({"mean_image": t(self.mean_image)} if self.mean_image.size else {}),
         }
         return meta, tensors
 
@@ -131,6 +135,7 @@ class Calibration:
             recon_kind=meta["recon_kind"],
             default_label=None if default is None else int(default),
             by_score={k: v for k, v in by_score.items() if k in SCORES},
+            mean_image=a("mean_image") if "mean_image" in tensors else np.zeros((0, 0)),
         )
 
 
@@ -211,7 +216,20 @@ def calibrate(
         recon_kind=recon_kind,
         default_label=default_label,
         by_score=by_score,
+        mean_image=_mean_image(train_images),
     )
+
+
+def _mean_image(images: ImageBatch) -> np.ndarray:
+    """The mean training image in [0, 1], accumulated in chunks (a store version may be large)."""
+    from medvae.engine.inference import as_float_batch
+
+    total, n = None, 0
+    for s in range(0, len(images), 1024):
+        x = as_float_batch(images[s : s + 1024]).double().sum(dim=0)[0]
+        total = x if total is None else total + x
+        n += min(1024, len(images) - s)
+    return (total / max(n, 1)).cpu().numpy() if total is not None else np.zeros((0, 0))
 
 
 def percentile_among_normals(scores: np.ndarray, cal: Calibration) -> np.ndarray:
@@ -324,4 +342,50 @@ def load_calibration(model_dir: Path) -> Calibration:
 
     return Calibration.from_files(
         read_json(model_dir, "calibration.json"), read_tensors(model_dir, "calibration.safetensors")
+    )
+
+
+def recalibrate(
+    model: ConvVAE, cal: Calibration, local_normals: ImageBatch, *, fpr: float | None = None
+) -> Calibration:
+    """The same model's calibration, with its thresholds set on a site's own normal scans.
+
+    Every site's scanners differ, and a threshold set on another cohort's normals does not promise its
+    false-positive rate on this one. The latent reference (mean, precision) and the mean image stay;
+    every score's held-out normal distribution, and so every threshold and percentile, is replaced.
+
+    Args:
+        model: the trained VAE the calibration belongs to.
+        cal: its current calibration.
+        local_normals: normal scans of the site, prepared like the training images (uint8 (N, H, W)).
+        fpr: the target false-positive rate (the current one when None).
+
+    Returns:
+        The new calibration.
+
+    Raises:
+        ValueError: with fewer than 2 local normals.
+    """
+    if len(local_normals) < 2:
+        raise ValueError(f"recalibration needs at least 2 local normal scans, got {len(local_normals)}")
+    rate = cal.fpr if fpr is None else float(fpr)
+    if not 0.0 < rate < 1.0:
+        raise ValueError(f"fpr must lie in (0, 1), got {rate}")
+    val = score_batch(
+        model,
+        local_normals,
+        None,
+        stats=cal.stats,
+        recon_kind=cal.recon_kind,
+        default_label=cal.default_label,
+    )
+    by_score = {k: np.sort(np.asarray(v, dtype=np.float64)) for k, v in val.items()}
+    normal = by_score[cal.score]
+    return replace(
+        cal,
+        threshold=threshold_at_fpr(normal, rate),
+        fpr=rate,
+        normal_scores=normal,
+        n_val=len(normal),
+        by_score=by_score,
     )

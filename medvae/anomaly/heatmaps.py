@@ -1,19 +1,109 @@
-"""Per-pixel anomaly heat maps and their PNG rendering."""
+"""Heat maps that explain the deciding score, and their PNG rendering.
+
+The flag comes from the calibrated latent score, so the map must show what drives *that* score. An
+occlusion map does: each 8x8 patch of the image is replaced by the same patch of the mean normal image,
+and the drop in the score is the patch's heat. Measured on Kermany pneumonia (docs/quality.md), its mass
+falls in the lung fields at 1.39x the chance level and its total tracks the score (Spearman 0.92),
+whereas the reconstruction error |x - recon| lit up rib edges, put more of its mass in the lungs of
+normals than of pneumonia, and tracked the score at 0.56.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from medvae._io import safe_name, write_png
-from medvae.engine.inference import Device, ImageBatch, Labels, eval_mode, iter_batches, model_device
+from medvae.engine.inference import (
+    Device,
+    ImageBatch,
+    Labels,
+    as_float_batch,
+    eval_mode,
+    iter_batches,
+    model_device,
+)
 from medvae.vae.model import ConvVAE
+
+PATCH, STRIDE = 8, 4
 
 
 @torch.no_grad()
-def heatmaps(
+def occlusion_maps(
+    model: ConvVAE,
+    images: ImageBatch,
+    cal: Any,
+    *,
+    labels: Labels = None,
+    patch: int = PATCH,
+    stride: int = STRIDE,
+    batch_size: int = 256,
+) -> np.ndarray:
+    """How much each pixel's neighbourhood raises the calibrated score ``cal.score``.
+
+    Every ``patch`` x ``patch`` window (step ``stride``) is filled with the mean normal image
+    (``cal.mean_image``); a pixel's heat is the mean, over the windows covering it, of
+    ``max(0, score(x) - score(x occluded))``: the part of the score that normal tissue there would remove.
+
+    Args:
+        model: the trained VAE.
+        images: uint8 (N, H, W) (or float in [0, 1]).
+        cal: the model's :class:`~medvae.anomaly.calibration.Calibration` (score, stats, mean image).
+        labels: label indices for a conditional model (default: ``cal.default_label``).
+        patch: the occluder's side in pixels.
+        stride: the step between occluder positions.
+        batch_size: occluded images per forward pass.
+
+    Returns:
+        Float32 array (N, H, W), in score units (0 where occluding never lowers the score).
+    """
+    from medvae.anomaly.stats import score_batch
+
+    x = as_float_batch(images)
+    n, _, h, w = x.shape
+    fill = (
+        torch.as_tensor(cal.mean_image, dtype=torch.float32)
+        if cal.mean_image.size
+        else torch.full((h, w), 0.5)
+    )
+    spots = [(r, c) for r in range(0, h - patch + 1, stride) for c in range(0, w - patch + 1, stride)]
+    cover = torch.zeros(h, w)
+    for r, c in spots:
+        cover[r : r + patch, c : c + patch] += 1
+
+    def score(batch: torch.Tensor, lab: Labels) -> np.ndarray:
+        out = score_batch(
+            model,
+            batch,
+            lab,
+            stats=cal.stats,
+            recon_kind=cal.recon_kind,
+            default_label=cal.default_label,
+            batch_size=batch_size,
+        )
+        return np.asarray(out[cal.score])
+
+    maps = np.zeros((n, h, w), dtype=np.float32)
+    for i in range(n):
+        lab = None if labels is None else np.repeat(np.asarray(labels)[i : i + 1], len(spots))
+        base = score(x[i : i + 1], None if labels is None else np.asarray(labels)[i : i + 1])[0]
+        occluded = x[i].repeat(len(spots), 1, 1, 1)
+        for k, (r, c) in enumerate(spots):
+            occluded[k, 0, r : r + patch, c : c + patch] = fill[r : r + patch, c : c + patch]
+        drop = torch.as_tensor(np.maximum(0.0, base - score(occluded, lab)), dtype=torch.float32)
+        heat = torch.zeros(h, w)
+        for k, (r, c) in enumerate(spots):
+            heat[r : r + patch, c : c + patch] += drop[k]
+        maps[i] = (heat / cover.clamp_min(1)).numpy()
+    return maps
+
+
+@torch.no_grad()
+def reconstruction_error_maps(
     model: ConvVAE,
     images: ImageBatch,
     labels: Labels = None,
@@ -22,7 +112,7 @@ def heatmaps(
     default_label: int | None = None,
     batch_size: int = 256,
 ) -> np.ndarray:
-    """Per-pixel reconstruction error |x - recon| with recon decoded from the posterior mean.
+    """Per-pixel reconstruction error |x - recon| (posterior mean): a contrast; it does not explain flags.
 
     Args:
         model: the VAE.
@@ -73,69 +163,85 @@ def inferno_lut() -> np.ndarray:
     return np.asarray(np.round(lut), dtype=np.uint8)
 
 
+def _overlay(grey: np.ndarray, heat: np.ndarray, top: float, lut: np.ndarray) -> np.ndarray:
+    """The image in grey with the heat blended over it in inferno, opaque where the heat is largest."""
+    t = np.clip(heat / top, 0.0, 1.0)
+    rgb = np.repeat(grey[:, :, None].astype(np.float64), 3, axis=2)
+    colour = lut[np.round(t * 255).astype(np.uint8)].astype(np.float64)
+    alpha = (0.75 * t)[:, :, None]
+    return np.asarray(np.round(rgb * (1 - alpha) + colour * alpha), dtype=np.uint8)
+
+
+def _tile(image: np.ndarray, heat: np.ndarray, caption: str, top: float, scale: int) -> np.ndarray:
+    """Image | overlay | colour bar, with the caption strip below."""
+    from PIL import Image, ImageDraw
+
+    lut = inferno_lut()
+    h = image.shape[0] * scale
+    left = np.repeat(np.repeat(np.repeat(image[:, :, None], 3, axis=2), scale, 0), scale, 1)
+    right = np.repeat(np.repeat(_overlay(image, heat, top, lut), scale, 0), scale, 1)
+    bar = np.repeat(lut[np.linspace(255, 0, h).astype(np.uint8)][:, None, :], 12, axis=1)
+    lines = caption.split("\n") if caption else []
+    canvas = Image.new("RGB", (2 * h + 70, h + 14 * len(lines) + 6), "black")
+    canvas.paste(Image.fromarray(left), (0, 0))
+    canvas.paste(Image.fromarray(right), (h + 4, 0))
+    canvas.paste(Image.fromarray(np.ascontiguousarray(bar)), (2 * h + 10, 0))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((2 * h + 25, 0), f"{top:.3g}", fill="white")
+    draw.text((2 * h + 25, h - 11), "0", fill="white")
+    for k, line in enumerate(lines):
+        draw.text((2, h + 3 + 14 * k), line, fill="white")
+    return np.asarray(canvas)
+
+
 def save_heatmap_pngs(
     images: np.ndarray,
     maps: np.ndarray,
     out_dir: Path,
-    names: list[str],
+    names: Sequence[str],
     *,
+    captions: Sequence[str] | None = None,
     vmax: float | None = None,
     scale: int = 4,
-    gap: int = 2,
 ) -> list[Path]:
-    """Write one PNG per image: the image (grey) and its heat map (inferno) side by side.
+    """Write one PNG per image: the scan, the heat overlaid on it, a colour bar, and a caption.
 
-    All maps share one colour scale (``vmax``), so a brighter map means a larger error than a darker
-    one in another file; per-image scaling would make every map look equally alarming.
+    All maps share one colour scale (``vmax``, shown on the bar), so a brighter map means more of the
+    score than a darker one in another file; per-image scaling would make every map look equally alarming.
 
     Args:
         images: uint8 (N, H, W).
-        maps: heat maps (N, H, W), e.g. from :func:`heatmaps`.
+        maps: heat maps (N, H, W), e.g. from :func:`occlusion_maps`.
         out_dir: the folder to write into (created if needed).
-        names: one name per image; sanitised to [A-Za-z0-9._-] and de-duplicated, so files always
-            land directly inside ``out_dir``.
-        vmax: the error mapped to the brightest colour; None: the largest value in ``maps``.
+        names: one file stem per image; sanitised and de-duplicated, so files land directly in ``out_dir``.
+        captions: one text per image (lines separated by newlines), e.g. score, percentile and flag.
+        vmax: the heat mapped to the brightest colour; None: the largest value in ``maps``.
         scale: nearest-neighbour upscaling factor (64 px is small on screen).
-        gap: black pixels between the two panels (before scaling).
 
     Returns:
         The written paths, in input order.
 
     Raises:
-        ValueError: for mismatched shapes or name counts.
+        ValueError: for mismatched shapes, name or caption counts.
     """
-    images = np.asarray(images)
-    maps = np.asarray(maps, dtype=np.float64)
+    images, maps = np.asarray(images), np.asarray(maps, dtype=np.float64)
     if images.dtype != np.uint8 or images.ndim != 3 or maps.shape != images.shape:
         raise ValueError(
             f"need uint8 images (N, H, W) and maps of the same shape, got {images.shape}, {maps.shape}"
         )
-    if len(names) != len(images):
-        raise ValueError(f"got {len(names)} names for {len(images)} images")
-    if scale < 1 or gap < 0:
-        raise ValueError("scale must be >= 1 and gap >= 0")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    root = out_dir.resolve()
+    if len(names) != len(images) or (captions is not None and len(captions) != len(images)):
+        raise ValueError(f"need one name (and caption) per image: {len(images)} images, {len(names)} names")
+    if scale < 1:
+        raise ValueError("scale must be >= 1")
     top = float(maps.max()) if vmax is None and maps.size else float(vmax or 0.0)
     top = top if top > 0 else 1.0
-    lut = inferno_lut()
-    n, h, _ = images.shape
     used: set[str] = set()
     paths: list[Path] = []
-    for i in range(n):
+    for i in range(len(images)):
         stem = safe_name(names[i], f"image_{i:05d}")
         if stem.lower() in used:  # two names can sanitise to one; never overwrite an earlier picture
             stem = f"{stem}_{i:05d}"
         used.add(stem.lower())
-        path = out_dir / f"{stem}.png"
-        # Belt and braces: the sanitised stem cannot contain a separator, but check the final location.
-        if path.resolve().parent != root:
-            raise ValueError(f"refusing to write outside {out_dir}: {names[i]!r}")
-        grey = np.repeat(images[i][:, :, None], 3, axis=2)
-        idx = np.clip(np.round(maps[i] / top * 255.0), 0, 255).astype(np.uint8)
-        panel = np.concatenate([grey, np.zeros((h, gap, 3), np.uint8), lut[idx]], axis=1)
-        if scale > 1:
-            panel = panel.repeat(scale, axis=0).repeat(scale, axis=1)
-        paths.append(write_png(panel, path))
+        tile = _tile(images[i], maps[i], captions[i] if captions else "", top, scale)
+        paths.append(write_png(tile, Path(out_dir) / f"{stem}.png"))
     return paths

@@ -176,6 +176,34 @@ class ScreenResult(Result):
 
 
 @dataclass(frozen=True)
+class RecalibrationResult(Result):
+    """A model's thresholds set on a site's own normal scans.
+
+    Attributes:
+        records: one per input file (the scored ones calibrated the thresholds).
+        threshold_before: the primary score's threshold before.
+        threshold: after.
+        fpr: the target false-positive rate.
+        fpr_interval: the 95 % Clopper-Pearson interval of the rate such a threshold can promise.
+        model_hash: the model directory's new hash (its calibration changed).
+        warnings: e.g. too few normals.
+    """
+
+    records: tuple[ScreenRecord, ...]
+    threshold_before: float
+    threshold: float
+    fpr: float
+    fpr_interval: tuple[float, float]
+    model_hash: str
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def used(self) -> int:
+        """Normal scans the thresholds were set on."""
+        return sum(r.status == "scored" for r in self.records)
+
+
+@dataclass(frozen=True)
 class ScoredRows(Result):
     """Real rows of a store version with their scores, staged for the pipeline's one commit.
 

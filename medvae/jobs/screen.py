@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from medvae.config import IngestConfig, ScreenConfig
-from medvae.jobs.results import ScreenRecord, ScreenResult
+from medvae.jobs.results import RecalibrationResult, ScreenRecord, ScreenResult
 
 # The score columns of the screening CSV, in order.
 SCORE_FIELDS = ("score", "percentile", "flag", "mahalanobis", "recon", "kl", "elbo")
@@ -54,10 +54,10 @@ class Screener:
         return screen(self.loaded.model, images, self.calibration, labels=self._labels(len(images)))
 
     def heatmaps(self, images: np.ndarray) -> np.ndarray:
-        """Per-pixel heat maps of ``images`` (N, H, W)."""
-        from medvae.anomaly.heatmaps import heatmaps
+        """Occlusion maps of the deciding (calibrated) score for ``images`` (N, H, W)."""
+        from medvae.anomaly.heatmaps import occlusion_maps
 
-        return heatmaps(self.loaded.model, images, labels=self._labels(len(images)))
+        return occlusion_maps(self.loaded.model, images, self.calibration, labels=self._labels(len(images)))
 
 
 def screen_settings(meta: dict[str, Any]) -> IngestConfig:
@@ -151,6 +151,12 @@ def _cell(field: str, value: float) -> str:
     return f"{value:.2f}" if field == "percentile" else f"{value:.6g}"
 
 
+def _caption(r: ScreenRecord) -> str:
+    # The row name, never the file name: heat maps get shared, and file names can name patients.
+    flag = "FLAGGED" if r.flagged else "not flagged"
+    return f"{r.name}\nscore {r.scores['score']:.3g}  {r.scores['percentile']:.0f}th pct of normals  {flag}"
+
+
 def write_outputs(
     records: Sequence[ScreenRecord],
     out_csv: Path | None,
@@ -164,8 +170,10 @@ def write_outputs(
     if out_csv is not None:
         write_csv(records, out_csv)
     if heatmaps_dir is not None and images is not None and maps is not None and len(images):
-        names = [r.name for r in records if r.status == "scored"]
-        save_heatmap_pngs(images, maps, heatmaps_dir, names)
+        scored = [r for r in records if r.status == "scored"]
+        save_heatmap_pngs(
+            images, maps, heatmaps_dir, [r.name for r in scored], captions=[_caption(r) for r in scored]
+        )
     warnings = () if records else ("no files found in the given sources",)
     return ScreenResult(
         tuple(records),
@@ -271,3 +279,33 @@ def merge_screen(
     if cleanup:
         remove_tree(staging)
     return res
+
+
+def recalibrate_job(
+    model_dir: Path, sources: Sequence[Path], *, fpr: float | None = None
+) -> RecalibrationResult:
+    """Set a model's anomaly thresholds on a site's own normal scans, in place (the model's hash changes).
+
+    The scans are prepared like the model's training images; files that cannot be read are listed and
+    left out. The latent reference the scores are measured against is unchanged.
+    """
+    from medvae.anomaly.calibration import calibration_warnings, fpr_interval, load_calibration, recalibrate
+    from medvae.data.walk import iter_files
+    from medvae.vae.artifacts import model_hash, write_json, write_tensors
+
+    screener = Screener.load(model_dir)
+    records, batch = screen_files(screener, [(str(p), err) for p, err in iter_files(list(sources))])
+    before = load_calibration(model_dir)
+    cal = recalibrate(screener.loaded.model, before, batch, fpr=fpr)
+    meta, tensors = cal.to_files()
+    write_tensors(model_dir, "calibration.safetensors", tensors)
+    write_json(model_dir, "calibration.json", {**meta, "recalibrated_on": len(batch)})
+    return RecalibrationResult(
+        records=tuple(records),
+        threshold_before=float(before.threshold),
+        threshold=float(cal.threshold),
+        fpr=cal.fpr,
+        fpr_interval=fpr_interval(cal.n_val, cal.fpr),
+        model_hash=model_hash(model_dir),
+        warnings=tuple(calibration_warnings(cal)),
+    )

@@ -19,7 +19,7 @@ from medvae.anomaly.calibration import (
     screen,
     threshold_at_fpr,
 )
-from medvae.anomaly.heatmaps import heatmaps, save_heatmap_pngs
+from medvae.anomaly.heatmaps import occlusion_maps, reconstruction_error_maps, save_heatmap_pngs
 from medvae.anomaly.stats import SCORES, LatentStats, fit_latent_stats, ledoit_wolf, score_batch
 from medvae.config import ModelConfig
 from medvae.engine.inference import as_float_batch
@@ -209,10 +209,10 @@ def test_conditional_model_needs_labels_or_default() -> None:
         screen(model, imgs, cal, labels=np.full(6, 2))
 
 
-def test_heatmaps_equal_abs_error_of_eval_reconstruction() -> None:
+def test_reconstruction_error_maps_equal_abs_error_of_eval_reconstruction() -> None:
     model = _model()
     imgs = _images(5)
-    maps = heatmaps(model, imgs)
+    maps = reconstruction_error_maps(model, imgs)
     assert maps.shape == (5, SIZE, SIZE) and maps.dtype == np.float32
     model.eval()
     with torch.no_grad():
@@ -226,13 +226,45 @@ def test_save_heatmap_pngs_sanitises_names(tmp_path: Path) -> None:
     imgs = _images(5)
     maps = np.random.default_rng(0).random((5, SIZE, SIZE))
     names = ["../../evil", "a/b\\c", "ok name", "..", "ok_name"]
-    paths = save_heatmap_pngs(imgs, maps, out, names, scale=2, gap=2)
+    captions = [f"score {i}\nflagged" for i in range(5)]
+    paths = save_heatmap_pngs(imgs, maps, out, names, captions=captions, scale=2)
     assert len(paths) == 5 and len(set(paths)) == 5
     for p in paths:
         assert p.resolve().parent == out.resolve() and p.exists()
         assert all(c.isalnum() or c in "._-" for c in p.name) and not p.name.startswith(".")
     assert sorted(q.name for q in tmp_path.iterdir()) == ["maps"]
     with Image.open(paths[0]) as im:
-        assert im.mode == "RGB" and im.size == ((2 * SIZE + 2) * 2, SIZE * 2)
-        left = np.asarray(im)[::2, : 2 * SIZE : 2, 0]
+        assert im.mode == "RGB" and im.size[1] > 2 * SIZE  # the caption strip sits below the panels
+        left = np.asarray(im)[: 2 * SIZE : 2, : 2 * SIZE : 2, 0]
     np.testing.assert_array_equal(left, imgs[0])
+
+
+def test_occlusion_maps_find_the_patch_that_raises_the_score(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A score driven by one bright square: occluding the square with the mean normal image lowers it, so
+    the map's heat sits on the square and nowhere else."""
+    import medvae.anomaly.stats as stats_mod
+
+    def square_score(model: object, images: torch.Tensor, labels: object = None, **kw: object) -> dict:
+        x = as_float_batch(images)
+        return {"mahalanobis": x[:, 0, 4:12, 4:12].mean(dim=(1, 2)).double().numpy()}
+
+    model = _model()
+    cal = calibrate(model, _images(24, high=60), _images(8, high=60, seed=3), fpr=0.1)
+    monkeypatch.setattr(stats_mod, "score_batch", square_score)
+    odd = cal.mean_image.copy()
+    odd[4:12, 4:12] = 1.0
+    maps = occlusion_maps(model, np.round(odd * 255).astype(np.uint8)[None], cal, patch=4, stride=2)
+    assert maps.shape == (1, SIZE, SIZE) and (maps >= 0).all()
+    mask = np.zeros((SIZE, SIZE), dtype=bool)
+    mask[4:12, 4:12] = True
+    assert maps[0][mask].mean() > 0.1 and maps[0][~mask].mean() < 0.5 * maps[0][mask].mean()
+    far = np.zeros_like(mask)
+    far[:, 14:] = True  # no occluder covering these pixels touches the square
+    assert float(maps[0][far].max()) == 0.0
+
+
+def test_occlusion_maps_of_a_real_model_are_finite_and_non_negative() -> None:
+    model = _model()
+    cal = calibrate(model, _images(24), _images(8, seed=3), fpr=0.1)
+    maps = occlusion_maps(model, _images(3, seed=5), cal)
+    assert maps.shape == (3, SIZE, SIZE) and np.isfinite(maps).all() and (maps >= 0).all()
