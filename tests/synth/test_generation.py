@@ -1,18 +1,15 @@
-"""Tests for sampling, the privacy filter, synthetic DICOM and picture grids."""
+"""Tests for sampling, the privacy filter and picture grids."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
-import pydicom
 import pytest
 import torch
 from PIL import Image
-from pydicom.uid import UID, ExplicitVRLittleEndian, SecondaryCaptureImageStorage
 
 from medvae.config import ModelConfig
-from medvae.synth.dicom import write_synthetic_dicom
 from medvae.synth.pictures import interpolation_grid, reconstruction_grid, save_grid
 from medvae.synth.privacy import nearest_neighbour_distances, privacy_filter, privacy_threshold
 from medvae.synth.sample import sample_images
@@ -111,41 +108,6 @@ def test_privacy_threshold_subsamples_and_ignores_duplicates() -> None:
     assert privacy_threshold(dup, 0.0) > 0.0
     with pytest.raises(ValueError):
         privacy_threshold(train[:1], 0.5)
-
-
-def test_synthetic_dicom_round_trips(tmp_path: Path) -> None:
-    imgs = _images(3, seed=5)
-    paths = write_synthetic_dicom(
-        imgs, tmp_path / "dcm", labels=["NORMAL", None, "PNEUMONIA"], model_hash="abc123", seed=9
-    )
-    assert [p.name for p in paths] == ["synthetic_00000.dcm", "synthetic_00001.dcm", "synthetic_00002.dcm"]
-    sops, studies, series = set(), set(), set()
-    for img, p in zip(imgs, paths, strict=True):
-        assert p.read_bytes()[128:132] == b"DICM"  # preamble + file meta
-        ds = pydicom.dcmread(p)
-        np.testing.assert_array_equal(ds.pixel_array, img)
-        assert ds.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
-        assert ds.SOPClassUID == SecondaryCaptureImageStorage == ds.file_meta.MediaStorageSOPClassUID
-        assert ds.SOPInstanceUID == ds.file_meta.MediaStorageSOPInstanceUID
-        assert ds.PhotometricInterpretation == "MONOCHROME2" and ds.BitsStored == 8
-        assert ds.PatientIdentityRemoved == "YES" and ds.BurnedInAnnotation == "NO"
-        assert ds.ConversionType == "SYN" and ds.Modality == "OT"
-        assert ds.SeriesDescription == "medvae synthetic"
-        assert "abc123" in ds.ImageComments
-        assert ds.PatientName == "" and ds.PatientID == ""
-        for tag in ("PatientBirthDate", "PatientSex", "PatientAge", "InstitutionName", "OtherPatientIDs"):
-            assert tag not in ds
-        for uid in (ds.SOPInstanceUID, ds.StudyInstanceUID, ds.SeriesInstanceUID):
-            assert UID(uid).is_valid
-        sops.add(ds.SOPInstanceUID)
-        studies.add(ds.StudyInstanceUID)
-        series.add(ds.SeriesInstanceUID)
-    assert len(sops) == 3 and len(studies) == 1 and len(series) == 1
-    assert "label=NORMAL" in pydicom.dcmread(paths[0]).ImageComments
-    again = write_synthetic_dicom(imgs[:1], tmp_path / "dcm2", labels=None, model_hash="abc123", seed=9)
-    assert pydicom.dcmread(again[0]).StudyInstanceUID not in studies
-    with pytest.raises(ValueError):
-        write_synthetic_dicom(imgs, tmp_path / "x", labels=["a"], model_hash="h", seed=0)
 
 
 def test_save_grid_size(tmp_path: Path) -> None:
