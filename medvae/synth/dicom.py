@@ -29,27 +29,34 @@ MANIFEST = "manifest.json"
 _STAGING_TAG = ".staging-"
 
 
+# Type 2 attributes written present and empty: no patient exists, and nothing about the study is
+# known. Patient (PS3.3 C.7.1.1): name, ID, birth date, sex. General Study (C.7.2.1): date, time,
+# referring physician, study ID, accession number. General Series (C.7.3.1): Laterality is type 2C and
+# dciodvfy asks for it when no body part says the part is unpaired.
+_EMPTY_TYPE2 = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+    "Laterality",
+)
+
+
 def _patient_study_series(ds: Dataset, study_uid: str, series_uid: str) -> None:
-    # Patient module (PS3.3 C.7.1.1): every attribute is type 2, present and empty, since no patient
-    # exists. General Study (C.7.2.1): the type 2 attributes present and empty, the UID type 1.
-    ds.PatientName = ""
-    ds.PatientID = ""
-    ds.PatientBirthDate = ""
-    ds.PatientSex = ""
+    for keyword in _EMPTY_TYPE2:
+        setattr(ds, keyword, "")
     ds.PatientIdentityRemoved = "YES"
     ds.DeidentificationMethod = "medvae synthetic: no source patient"
     ds.StudyInstanceUID = study_uid
-    ds.StudyDate = ""
-    ds.StudyTime = ""
-    ds.ReferringPhysicianName = ""
-    ds.StudyID = ""
-    ds.AccessionNumber = ""
-    # General Series (C.7.3.1): Modality type 1; SeriesNumber type 2; Laterality type 2C (dciodvfy asks
-    # for it when no body part says it is unpaired), present and empty.
+    # General Series: Modality and the UID type 1, SeriesNumber type 2.
     ds.Modality = "OT"
     ds.SeriesInstanceUID = series_uid
     ds.SeriesNumber = 1
-    ds.Laterality = ""
     ds.SeriesDescription = "medvae synthetic"
     # General Equipment (C.7.5.1): Manufacturer type 2. SC Equipment (C.8.6.1): ConversionType type 1.
     ds.Manufacturer = "medvae"

@@ -17,16 +17,12 @@ import pytest
 from pydicom.uid import UID, ExplicitVRLittleEndian, SecondaryCaptureImageStorage
 
 from medvae.synth.dicom import MANIFEST, stage_synthetic_dicom, write_synthetic_dicom
+from tests.synth.helpers import noise_images
 
-SIZE = 16
 # Debian's dicom3tools (apt-get install dicom3tools) puts dciodvfy on PATH; a local unpack also works.
 _DCIODVFY = shutil.which("dciodvfy") or next(
     (p for p in ("/usr/bin/dciodvfy", "/opt/dicom3tools/usr/bin/dciodvfy") if os.access(p, os.X_OK)), None
 )
-
-
-def _images(n: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, size=(n, SIZE, SIZE), dtype=np.uint8)
 
 
 def _visible(folder: Path) -> list[Path]:
@@ -34,7 +30,7 @@ def _visible(folder: Path) -> list[Path]:
 
 
 def test_synthetic_dicom_round_trips(tmp_path: Path) -> None:
-    imgs = _images(3, seed=5)
+    imgs = noise_images(3, seed=5)
     ids = ["syn-aaa", "syn-bbb", "syn-ccc"]
     out = tmp_path / "dcm"
     paths = write_synthetic_dicom(
@@ -78,7 +74,7 @@ def test_synthetic_dicom_round_trips(tmp_path: Path) -> None:
 )
 def test_synthetic_dicom_rejects_bad_inputs(tmp_path: Path, ids: list[str], labels: list[str] | None) -> None:
     with pytest.raises(ValueError):
-        write_synthetic_dicom(_images(3), tmp_path / "x", ids=ids, labels=labels, model_hash="h", seed=0)
+        write_synthetic_dicom(noise_images(3), tmp_path / "x", ids=ids, labels=labels, model_hash="h", seed=0)
     assert not (tmp_path / "x").exists()
     assert list(tmp_path.iterdir()) == []  # no staging folder left behind either
 
@@ -86,7 +82,7 @@ def test_synthetic_dicom_rejects_bad_inputs(tmp_path: Path, ids: list[str], labe
 @pytest.mark.skipif(_DCIODVFY is None, reason="dciodvfy (Debian package dicom3tools) is not installed")
 def test_synthetic_dicom_passes_dciodvfy(tmp_path: Path) -> None:
     paths = write_synthetic_dicom(
-        _images(2),
+        noise_images(2),
         tmp_path / "d",
         ids=["syn-1", "syn-2"],
         labels=["NORMAL", "Ünïcode"],
@@ -103,7 +99,9 @@ def test_synthetic_dicom_passes_dciodvfy(tmp_path: Path) -> None:
 
 def test_stage_publishes_only_on_request(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    staged = stage_synthetic_dicom(_images(4), out, ids=list("abcd"), labels=None, model_hash="m", seed=0)
+    staged = stage_synthetic_dicom(
+        noise_images(4), out, ids=list("abcd"), labels=None, model_hash="m", seed=0
+    )
     assert not out.exists() or _visible(out) == []  # nothing visible before publish
     paths = staged.publish()
     assert [p.name for p in paths] == ["a.dcm", "b.dcm", "c.dcm", "d.dcm"] and all(p.is_file() for p in paths)
@@ -112,14 +110,14 @@ def test_stage_publishes_only_on_request(tmp_path: Path) -> None:
         staged.publish()
     # The same batch name again: refused, nothing overwritten, and the caller can discard.
     dup = stage_synthetic_dicom(
-        _images(4, seed=1), out, ids=list("abcd"), labels=None, model_hash="m", seed=0
+        noise_images(4, seed=1), out, ids=list("abcd"), labels=None, model_hash="m", seed=0
     )
     with pytest.raises(FileExistsError):
         dup.publish()
-    np.testing.assert_array_equal(pydicom.dcmread(paths[0]).pixel_array, _images(4)[0])
+    np.testing.assert_array_equal(pydicom.dcmread(paths[0]).pixel_array, noise_images(4)[0])
     dup.discard()
     assert not dup.staging.exists()
-    dropped = stage_synthetic_dicom(_images(2), out, ids=["p", "q"], labels=None, model_hash="m", seed=5)
+    dropped = stage_synthetic_dicom(noise_images(2), out, ids=["p", "q"], labels=None, model_hash="m", seed=5)
     dropped.discard()
     assert sorted(p.name for p in out.iterdir()) == [paths[0].parent.name]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
@@ -140,7 +138,7 @@ def test_exception_mid_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.
     monkeypatch.setattr(mod, "atomic_write_bytes", failing)
     with pytest.raises(OSError, match="injected"):
         write_synthetic_dicom(
-            _images(10),
+            noise_images(10),
             tmp_path / "out",
             ids=[f"r{i}" for i in range(10)],
             labels=None,
@@ -183,6 +181,8 @@ def test_sigkill_mid_write_leaves_nothing_visible(tmp_path: Path) -> None:
     leftovers = list(tmp_path.glob(".out.staging-*"))
     assert leftovers, "the staged files should have been hidden, not written into out/"
     # The next run beside the same folder sweeps the dead writer's staging folder and publishes whole.
-    paths = write_synthetic_dicom(_images(3), out, ids=["a", "b", "c"], labels=None, model_hash="m", seed=1)
+    paths = write_synthetic_dicom(
+        noise_images(3), out, ids=["a", "b", "c"], labels=None, model_hash="m", seed=1
+    )
     assert all(p.is_file() for p in paths) and not list(tmp_path.glob(".out.staging-*"))
     assert sorted(p.name for p in paths[0].parent.iterdir()) == ["a.dcm", "b.dcm", "c.dcm", MANIFEST]

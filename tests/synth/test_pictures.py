@@ -6,10 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from medvae.config import ModelConfig
 from medvae.synth.pictures import (
     grid_array,
     label_sample_grids,
@@ -20,29 +18,11 @@ from medvae.synth.pictures import (
     with_caption,
 )
 from medvae.synth.sample import sample_images
-from medvae.vae.model import ConvVAE
-
-SIZE = 16
-
-
-def _model(conditional: bool = False) -> ConvVAE:
-    torch.manual_seed(0)
-    cfg = ModelConfig(
-        channels=(8, 16),
-        image_size=SIZE,
-        latent_dim=4,
-        conditional=conditional,
-        num_classes=3 if conditional else 0,
-    )
-    return ConvVAE(cfg)
-
-
-def _images(n: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, size=(n, SIZE, SIZE), dtype=np.uint8)
+from tests.synth.helpers import SIZE, noise_images, tiny_vae
 
 
 def test_save_grid_layout_and_bytes(tmp_path: Path) -> None:
-    imgs = _images(10)
+    imgs = noise_images(10)
     p = save_grid(imgs, tmp_path / "sub" / "grid.png", nrow=4, pad=2, pad_value=9)
     with Image.open(p) as im:
         assert im.size == (4 * (SIZE + 2) + 2, 3 * (SIZE + 2) + 2) and im.mode == "L"
@@ -73,7 +53,7 @@ def test_caption_strip_is_drawn_and_wrapped() -> None:
 
 
 def test_sample_grid_is_synthetic_only(tmp_path: Path) -> None:
-    model = _model()
+    model = tiny_vae()
     p = sample_grid(model, tmp_path / "s.png", 6, seed=3, nrow=3)
     with Image.open(p) as im:
         arr = np.asarray(im)
@@ -84,7 +64,7 @@ def test_sample_grid_is_synthetic_only(tmp_path: Path) -> None:
 
 
 def test_label_sample_grids(tmp_path: Path) -> None:
-    model = _model(conditional=True)
+    model = tiny_vae(conditional=True)
     paths = label_sample_grids(
         model, tmp_path, ["NORMAL", "a/b", "c"], model_hash="f" * 64, seed=2, n=4, nrow=4
     )
@@ -104,12 +84,12 @@ def test_label_sample_grids(tmp_path: Path) -> None:
         pix.append(body)
     assert not np.array_equal(pix[0], pix[1])
     with pytest.raises(ValueError):
-        label_sample_grids(_model(), tmp_path, ["x"], model_hash="h", seed=0)
+        label_sample_grids(tiny_vae(), tmp_path, ["x"], model_hash="h", seed=0)
 
 
 def test_real_reconstruction_and_interpolation_grids(tmp_path: Path) -> None:
-    model = _model()
-    imgs = _images(10)
+    model = tiny_vae()
+    imgs = noise_images(10)
     p = real_reconstruction_grid(model, imgs, tmp_path / "recon.png", n=6, nrow=4)
     with Image.open(p) as im:
         # Two blocks of (originals row, reconstructions row), 4 wide.
@@ -121,7 +101,7 @@ def test_real_reconstruction_and_interpolation_grids(tmp_path: Path) -> None:
     p = real_interpolation_grid(model, imgs[:3], imgs[3:6], tmp_path / "interp3.png", steps=4)
     with Image.open(p) as im:
         assert im.size == (6 * (SIZE + 2) + 2, 3 * (SIZE + 2) + 2)
-    cmodel = _model(conditional=True)
+    cmodel = tiny_vae(conditional=True)
     with pytest.raises(ValueError):
         real_interpolation_grid(cmodel, imgs[0], imgs[1], tmp_path / "c.png")
     real_interpolation_grid(cmodel, imgs[0], imgs[1], tmp_path / "c.png", label=1)

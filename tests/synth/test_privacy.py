@@ -21,17 +21,13 @@ from medvae.synth.privacy import (
     threshold_report,
     tolerant_nearest,
 )
+from tests.synth.helpers import noise_images
 
-SIZE = 16
 KERMANY = (
     Path(os.environ.get("MEDVAE_SHARED", Path(__file__).resolve().parents[3] / "shared"))
     / "data"
     / "kermany_train"
 )
-
-
-def _images(n: int, seed: int = 0, size: int = SIZE) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, size=(n, size, size), dtype=np.uint8)
 
 
 def _smooth(n: int, seed: int = 0, size: int = 32) -> np.ndarray:
@@ -79,7 +75,7 @@ def _bruteforce_tolerant(q: np.ndarray, r: np.ndarray, s: int, exclude_self: boo
 
 
 def test_nearest_neighbour_distances_match_bruteforce() -> None:
-    q, r = _images(7, seed=1, size=5), _images(11, seed=2, size=5)
+    q, r = noise_images(7, seed=1, size=5), noise_images(11, seed=2, size=5)
     np.testing.assert_allclose(nearest_neighbour_distances(q, r, chunk=3), _bruteforce_nn(q, r), atol=1e-9)
     same = np.concatenate([r, r[:1]])  # index 11 duplicates index 0: only the self-match is excluded
     d = nearest_neighbour_distances(same, same, exclude_self=True, chunk=4)
@@ -92,7 +88,7 @@ def test_nearest_neighbour_distances_match_bruteforce() -> None:
 @pytest.mark.parametrize("kind", ["noise", "smooth"])
 def test_tolerant_nearest_is_exact(kind: str) -> None:
     if kind == "noise":
-        q, r = _images(5, seed=1, size=12), _images(8, seed=2, size=12)
+        q, r = noise_images(5, seed=1, size=12), noise_images(8, seed=2, size=12)
     else:
         imgs = _smooth(14, seed=3, size=12)
         q, r = imgs[:5], imgs[5:]
