@@ -92,6 +92,7 @@ DUPLICATE_DISTANCE = 0.06  # below this, two training images are copies of one s
 MIN_THRESHOLD = 0.08  # the threshold never drops below this, whatever the training set holds
 _BASIS = 8  # 8x8 separable DCT functions give the lower bound that prunes the exact search
 _CHUNK_ELEMENTS = 1 << 23  # bound on query-chunk x reference x group floats (64 MiB of float64)
+_REF_BLOCK = 1024  # references whose window features are held at once (85 MB of float64)
 
 
 def _dct_rows(n: int, k: int) -> np.ndarray:
@@ -265,6 +266,7 @@ def _member_bounds(
 def _search_chunk(
     q: np.ndarray,
     r: np.ndarray,
+    r0: int,
     pq: np.ndarray,
     ix: _Index,
     qi: np.ndarray,
@@ -274,7 +276,8 @@ def _search_chunk(
     best_j: np.ndarray,
     best_t: np.ndarray,
 ) -> None:
-    """Exact tolerant nearest neighbours of queries ``qi`` below ``cap2`` (squared, uint8 units), in place."""
+    """Exact tolerant nearest neighbours of queries ``qi`` among references ``r`` (global indices from
+    ``r0``) below ``cap2`` (squared, uint8 units), merged into ``best``/``best_j``/``best_t`` in place."""
     m, n_groups = len(r), ix.members.shape[0]
     p = pq[qi]
     p_sq = np.einsum("ij,ij->i", p, p)
@@ -283,25 +286,26 @@ def _search_chunk(
     lb = np.sqrt(d2) - ix.radius[None] - 1e-6 * (1.0 + np.sqrt(p_sq)[:, None] + np.sqrt(ix.centre_sq)[None])
     lb = lb.reshape(len(qi), m, n_groups)
     if exclude_self:
-        lb[np.arange(len(qi)), qi, :] = np.inf
-    local = np.arange(len(qi))
+        own = (qi >= r0) & (qi < r0 + m)
+        lb[np.flatnonzero(own), qi[own] - r0, :] = np.inf
     # Seed: the exact distance at the best-bounded transform of the best-bounded group: an upper bound.
-    j0, g0 = np.divmod(lb.reshape(len(qi), -1).argmin(axis=1), n_groups)
-    mb, t = _member_bounds(pq, ix, qi, j0, g0)
-    t0 = t[local, mb.argmin(axis=1)]
-    seed = _exact_d2(q, r, ix.g, qi, j0, t0).astype(np.float64)
-    if not exclude_self or m > 1:
-        _update(best, best_j, best_t, qi, j0, t0, seed)
+    flat = lb.reshape(len(qi), -1)
+    j0, g0 = np.divmod(flat.argmin(axis=1), n_groups)
+    ok = np.isfinite(flat[np.arange(len(qi)), flat.argmin(axis=1)])  # not only the image itself
+    mb, t = _member_bounds(pq, ix, qi[ok], j0[ok], g0[ok])
+    t0 = t[np.arange(len(t)), mb.argmin(axis=1)]
+    seed = _exact_d2(q, r, ix.g, qi[ok], j0[ok], t0).astype(np.float64)
+    _update(best, best_j, best_t, qi[ok], j0[ok] + r0, t0, seed)
     limit = np.sqrt(np.minimum(best[qi], cap2))
-    ci, j, gi = np.nonzero(lb <= limit[:, None, None])
+    ci, j, gi = np.nonzero((lb <= limit[:, None, None]) & np.isfinite(lb))  # inf: the image itself
     for start in range(0, len(ci), 4096):
         sl = slice(start, start + 4096)
         mb, t = _member_bounds(pq, ix, qi[ci[sl]], j[sl], gi[sl])
-        keep = mb <= limit[ci[sl]][:, None]
-        rows, cols = np.nonzero(keep)
+        rows, cols = np.nonzero(mb <= limit[ci[sl]][:, None])
         if len(rows):
             qq, jj, tt = qi[ci[sl]][rows], j[sl][rows], t[rows, cols]
-            _update(best, best_j, best_t, qq, jj, tt, _exact_d2(q, r, ix.g, qq, jj, tt).astype(np.float64))
+            d2_exact = _exact_d2(q, r, ix.g, qq, jj, tt).astype(np.float64)
+            _update(best, best_j, best_t, qq, jj + r0, tt, d2_exact)
 
 
 def _update(
@@ -340,8 +344,9 @@ def tolerant_nearest(
     orthonormal 8x8 DCT projection of every window gives lower bounds (first per block of 3x3 shifts,
     by centre and radius, then per shift), and only the (query, reference, shift) triples whose bound
     is below ``cap`` (and below the best distance found so far) are compared pixel by pixel. Memory is
-    bounded: queries go in chunks, the reference's window features take m x T x 64 float64
-    (T = 2 (2 max_shift + 1)^2; 41 MB for 1000 references at the defaults).
+    bounded (about 200 MB at the defaults, whatever n and m): references go in blocks of 1024 whose
+    window features (T = 2 (2 max_shift + 1)^2 windows x 64 coefficients each) are held at once, and
+    queries go in chunks.
 
     Args:
         query: uint8 (n, H, W).
@@ -368,14 +373,16 @@ def tolerant_nearest(
     best_t = np.zeros(n, dtype=np.int64)
     g = _geometry(q.shape[1:], max_shift, flip)
     npix = g.crop[0] * g.crop[1]
-    if n and len(r) > int(exclude_self):
-        ix = _index(r, g)
-        pq = _query_features(q, g)
-        cap2 = (cap * 255.0) ** 2 * npix if math.isfinite(cap) else math.inf
-        chunk = max(1, _CHUNK_ELEMENTS // (len(r) * ix.members.shape[0]))
+    pq = _query_features(q, g) if n else np.zeros((0, 0))
+    cap2 = (cap * 255.0) ** 2 * npix if math.isfinite(cap) else math.inf
+    # References in blocks, so memory stays bounded whatever the training set's size.
+    for r0 in range(0, len(r) if n else 0, _REF_BLOCK):
+        block = r[r0 : r0 + _REF_BLOCK]
+        ix = _index(block, g)
+        chunk = max(1, _CHUNK_ELEMENTS // (len(block) * ix.members.shape[0]))
         for start in range(0, n, chunk):
             qi = np.arange(start, min(n, start + chunk))
-            _search_chunk(q, r, pq, ix, qi, cap2, exclude_self, best, best_j, best_t)
+            _search_chunk(q, block, r0, pq, ix, qi, cap2, exclude_self, best, best_j, best_t)
     f, oy, ox = g.decode(best_t)
     shift = np.stack([g.shift - oy, g.shift - ox], axis=1) * (best_j[:, None] >= 0)
     return Nearest(np.sqrt(best / npix) / 255.0, best_j, (f == 1) & (best_j >= 0), shift)
