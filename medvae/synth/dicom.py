@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import shutil
 import tempfile
@@ -129,19 +130,31 @@ class StagedDicom:
     def publish(self) -> list[Path]:
         """Make the whole batch visible at once: rename the staging folder to ``out_dir / batch``.
 
+        Publishing is idempotent: when ``out_dir / batch`` already holds a batch of the same row ids (a
+        repeated augment with the same model, seed and labels), that batch is kept and the staged copy
+        discarded.
+
         Returns:
             The published file paths, in input order.
 
         Raises:
-            FileExistsError: when ``out_dir / batch`` already exists (the staged batch is kept, so the
-                caller can still discard it); nothing is overwritten.
+            FileExistsError: when ``out_dir / batch`` already exists with other row ids (or without a
+                manifest); nothing is overwritten and the staged batch is kept, so the caller can still
+                discard it.
             RuntimeError: when the batch was already published or discarded.
         """
         if self._done:
             raise RuntimeError(f"batch {self.batch} was already published or discarded")
         dest = self.out_dir / self.batch
         if dest.exists():
-            raise FileExistsError(f"{dest}: a batch of that name exists already; not overwriting it")
+            if _manifest_ids(dest) == _manifest_ids(self.staging):
+                # A repeated run (same model, seed and row ids: the default batch name): the store
+                # added nothing new, so neither does this. Keep the published batch, drop the copy.
+                self.discard()
+                return [dest / n for n in self.names]
+            raise FileExistsError(
+                f"{dest}: a batch of that name with other row ids exists already; not overwriting it"
+            )
         self.out_dir.mkdir(parents=True, exist_ok=True)
         os.rename(self.staging, dest)  # one atomic rename within the same parent file system
         fsync_dir(self.out_dir)
@@ -154,6 +167,15 @@ class StagedDicom:
         if not self._done:
             shutil.rmtree(self.staging, ignore_errors=True)
             self._done = True
+
+
+def _manifest_ids(batch: Path) -> list[str] | None:
+    # The row ids a batch folder's manifest lists, in order; None when it has no readable manifest.
+    try:
+        files = json.loads((batch / MANIFEST).read_text(encoding="utf-8"))["files"]
+        return [str(f["id"]) for f in files]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _staging_dir(out_dir: Path) -> Path:

@@ -19,10 +19,27 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, SecondaryCaptureImageStorag
 from medvae.synth.dicom import MANIFEST, stage_synthetic_dicom, write_synthetic_dicom
 from tests.synth.helpers import noise_images
 
-# Debian's dicom3tools (apt-get install dicom3tools) puts dciodvfy on PATH; a local unpack also works.
-_DCIODVFY = shutil.which("dciodvfy") or next(
-    (p for p in ("/usr/bin/dciodvfy", "/opt/dicom3tools/usr/bin/dciodvfy") if os.access(p, os.X_OK)), None
+# dciodvfy (David Clunie's IOD validator) comes with Debian/Ubuntu's dicom3tools package: CI installs it
+# with `apt-get install -y --no-install-recommends dicom3tools` and sets MEDVAE_REQUIRE_DCIODVFY=1, so that
+# a missing validator fails there instead of skipping. MEDVAE_DCIODVFY may name a binary off PATH.
+_DCIODVFY = os.environ.get("MEDVAE_DCIODVFY") or shutil.which("dciodvfy")
+# The warnings dciodvfy may give, and why they are accepted: a synthetic image has no patient, no
+# acquisition date and no study ID (all type 2, present and empty), which a DICOMDIR would want; and
+# Laterality (type 2C) is empty because the model does not know the body part.
+_ACCEPTED_WARNINGS = (
+    "Missing attribute or value that would be needed to build DICOMDIR",
+    "is only permitted to be empty when actually unknown",
 )
+
+
+@pytest.fixture
+def dciodvfy() -> str:
+    if _DCIODVFY and os.access(_DCIODVFY, os.X_OK):
+        return _DCIODVFY
+    why = "dciodvfy not found (apt-get install dicom3tools, or MEDVAE_DCIODVFY=/path/to/dciodvfy)"
+    if os.environ.get("MEDVAE_REQUIRE_DCIODVFY") == "1":
+        pytest.fail(f"MEDVAE_REQUIRE_DCIODVFY=1 but {why}")
+    pytest.skip(why)
 
 
 def _visible(folder: Path) -> list[Path]:
@@ -79,8 +96,7 @@ def test_synthetic_dicom_rejects_bad_inputs(tmp_path: Path, ids: list[str], labe
     assert list(tmp_path.iterdir()) == []  # no staging folder left behind either
 
 
-@pytest.mark.skipif(_DCIODVFY is None, reason="dciodvfy (Debian package dicom3tools) is not installed")
-def test_synthetic_dicom_passes_dciodvfy(tmp_path: Path) -> None:
+def test_synthetic_dicom_passes_dciodvfy(tmp_path: Path, dciodvfy: str) -> None:
     paths = write_synthetic_dicom(
         noise_images(2),
         tmp_path / "d",
@@ -90,11 +106,13 @@ def test_synthetic_dicom_passes_dciodvfy(tmp_path: Path) -> None:
         seed=1,
     )
     for p in paths:
-        res = subprocess.run([str(_DCIODVFY), str(p)], capture_output=True, text=True, timeout=60)
+        res = subprocess.run([dciodvfy, str(p)], capture_output=True, text=True, timeout=60)
         report = res.stdout + res.stderr
-        assert "SCImage" in report, report  # it recognised the IOD it checked
-        errors = [line for line in report.splitlines() if line.startswith("Error")]
-        assert errors == [], report
+        assert res.returncode == 0 and "SCImage" in report, report  # it recognised the IOD it checked
+        lines = [line for line in report.splitlines() if line.strip() and line.strip() != "SCImage"]
+        assert not [line for line in lines if line.startswith("Error")], report
+        unexpected = [line for line in lines if not any(w in line for w in _ACCEPTED_WARNINGS)]
+        assert unexpected == [], report
 
 
 def test_stage_publishes_only_on_request(tmp_path: Path) -> None:
@@ -108,13 +126,22 @@ def test_stage_publishes_only_on_request(tmp_path: Path) -> None:
     assert not staged.staging.exists()
     with pytest.raises(RuntimeError):
         staged.publish()
-    # The same batch name again: refused, nothing overwritten, and the caller can discard.
-    dup = stage_synthetic_dicom(
+    # A repeated run (same ids, model and seed: the same batch name) publishes nothing new and keeps
+    # the batch already there.
+    again = stage_synthetic_dicom(
         noise_images(4, seed=1), out, ids=list("abcd"), labels=None, model_hash="m", seed=0
     )
-    with pytest.raises(FileExistsError):
-        dup.publish()
+    assert again.batch == staged.batch
+    assert again.publish() == paths and not again.staging.exists()
     np.testing.assert_array_equal(pydicom.dcmread(paths[0]).pixel_array, noise_images(4)[0])
+    # The same batch name for other ids: refused, nothing overwritten, and the caller can discard.
+    dup = stage_synthetic_dicom(
+        noise_images(3), out, ids=list("abc"), labels=None, model_hash="m", seed=0, batch=staged.batch
+    )
+    with pytest.raises(FileExistsError, match="other row ids"):
+        dup.publish()
+    assert dup.staging.is_dir()
+    np.testing.assert_array_equal(pydicom.dcmread(paths[3]).pixel_array, noise_images(4)[3])
     dup.discard()
     assert not dup.staging.exists()
     dropped = stage_synthetic_dicom(noise_images(2), out, ids=["p", "q"], labels=None, model_hash="m", seed=5)
