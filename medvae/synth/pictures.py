@@ -57,7 +57,15 @@ def grid_array(images: np.ndarray, nrow: int = 8, pad: int = 2, pad_value: int =
     return make_grid(t, nrow=nrow, padding=pad, pad_value=pad_value)[0].numpy()
 
 
-def save_grid(images: np.ndarray, path: Path, nrow: int = 8, pad: int = 2, pad_value: int = 0) -> Path:
+def save_grid(
+    images: np.ndarray,
+    path: Path,
+    nrow: int = 8,
+    pad: int = 2,
+    pad_value: int = 0,
+    *,
+    caption: str | None = None,
+) -> Path:
     """Write uint8 images (n, H, W) as one greyscale PNG grid (:func:`grid_array`), atomically.
 
     Args:
@@ -66,11 +74,13 @@ def save_grid(images: np.ndarray, path: Path, nrow: int = 8, pad: int = 2, pad_v
         nrow: images per row.
         pad: pixels between and around images.
         pad_value: grey level of the padding.
+        caption: text rendered in a strip above the grid (:func:`with_caption`); None for no strip.
 
     Returns:
         ``path``.
     """
-    return write_png(grid_array(images, nrow, pad, pad_value), Path(path))
+    grid = grid_array(images, nrow, pad, pad_value)
+    return write_png(grid if caption is None else with_caption(grid, caption), Path(path))
 
 
 def _wrap(text: str, width: int, measure: Callable[[str], float]) -> list[str]:
@@ -132,8 +142,8 @@ def sample_grid(
     """
     if n < 1:
         raise ValueError("sample_grid needs n >= 1")
-    grid = grid_array(sample_images(model, n, label_index=label_index, seed=seed, device=device), nrow)
-    return write_png(grid if caption is None else with_caption(grid, caption), Path(path))
+    images = sample_images(model, n, label_index=label_index, seed=seed, device=device)
+    return save_grid(images, path, nrow, caption=caption)
 
 
 def label_sample_grids(
@@ -150,8 +160,8 @@ def label_sample_grids(
     """One captioned synthetic grid per label of a conditional VAE: ``samples_<label>.png``.
 
     Each caption names the label, the model hash prefix and the seed, so a picture found on its own
-    still says what made it. Label k is sampled with seed ``seed * 1000 + k`` (the augment convention),
-    so labels do not share latent draws.
+    still says what made it. Label k is sampled with seed ``seed * 1000 + k``, so labels do not share
+    latent draws (a caller with its own per-label seeds calls :func:`sample_grid` per label instead).
 
     Args:
         model: a conditional VAE whose label indices follow ``label_names``.

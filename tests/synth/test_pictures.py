@@ -52,6 +52,15 @@ def test_caption_strip_is_drawn_and_wrapped() -> None:
     assert narrow.shape[0] > out.shape[0]  # wrapped onto more lines instead of cut off
 
 
+def test_save_grid_with_caption(tmp_path: Path) -> None:
+    imgs = noise_images(6)
+    p = save_grid(imgs, tmp_path / "c.png", nrow=3, caption="synthetic · label x · seed 1")
+    with Image.open(p) as im:
+        arr = np.asarray(im)
+    np.testing.assert_array_equal(arr, with_caption(grid_array(imgs, nrow=3), "synthetic · label x · seed 1"))
+    assert arr.shape[0] > grid_array(imgs, nrow=3).shape[0]
+
+
 def test_sample_grid_is_synthetic_only(tmp_path: Path) -> None:
     model = tiny_vae()
     p = sample_grid(model, tmp_path / "s.png", 6, seed=3, nrow=3)
