@@ -180,27 +180,38 @@ def augment_job(model_dir: Path, store_uri: str, cfg: AugmentConfig) -> AugmentR
     store = Store(store_uri)
     present = store.ids("id") & set(rows.column("id").to_pylist()) if rows.num_rows else set()
     meta = lineage("augment", to_jsonable(cfg), model_hash=result.model_hash, privacy=result.to_dict())
-    version = store.insert_new(rows, meta)
+    # The DICOM set is staged first and published only once the rows are committed: a crash leaves
+    # either no visible files or files whose rows are in the store, never files without rows.
+    staged = (
+        _stage_dicoms(rows, cfg, result.model_hash) if cfg.write_dicom is not None and rows.num_rows else None
+    )
+    try:
+        version = store.insert_new(rows, meta)
+    except BaseException:
+        if staged is not None:
+            staged.discard()
+        raise
     result = replace(
         result, version=version, rows_added=rows.num_rows - len(present), already_present=len(present)
     )
-    if cfg.write_dicom is not None and rows.num_rows:
-        result = replace(result, **_write_dicoms(rows, cfg, result.model_hash))
+    if staged is not None:
+        paths = staged.publish()
+        result = replace(result, dicom_dir=str(paths[0].parent) if paths else None, dicom_files=len(paths))
     return result
 
 
-def _write_dicoms(rows: pa.Table, cfg: AugmentConfig, model_hash: str) -> dict[str, Any]:
-    from medvae.synth.dicom import write_synthetic_dicom
+def _stage_dicoms(rows: pa.Table, cfg: AugmentConfig, model_hash: str) -> Any:
+    from medvae.synth.dicom import stage_synthetic_dicom
 
     assert cfg.write_dicom is not None
-    paths = write_synthetic_dicom(
+    return stage_synthetic_dicom(
         images_from(rows),
         cfg.write_dicom,
+        ids=rows.column("id").to_pylist(),
         labels=rows.column("label").to_pylist(),
         model_hash=model_hash,
         seed=cfg.seed,
     )
-    return {"dicom_dir": str(cfg.write_dicom), "dicom_files": len(paths)}
 
 
 def sample_pictures(model_dir: Path, out_dir: Path, *, seed: int = 0, label: str | None = None) -> list[str]:
@@ -222,7 +233,8 @@ def sample_pictures(model_dir: Path, out_dir: Path, *, seed: int = 0, label: str
             loaded.model, 32, label_index=draw.label_index, seed=draw.seed, sampler=sampler
         )
         name = f"samples_{draw.label}.png" if draw.label else "samples.png"
-        paths.append(str(save_grid(images, out_dir / _safe(name))))
+        caption = f"synthetic · label {draw.label or '-'} · model {loaded.hash[:12]} · seed {draw.seed}"
+        paths.append(str(save_grid(images, out_dir / _safe(name), caption=caption)))
     return paths
 
 

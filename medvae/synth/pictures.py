@@ -1,7 +1,20 @@
-"""Picture grids of images, reconstructions, samples and latent interpolations."""
+"""Picture grids: synthetic samples (safe to share) apart from pictures of real images (opt-in).
+
+Two kinds of picture live here, and their names say which:
+
+* :func:`sample_grid` and :func:`label_sample_grids` decode prior draws only. No real scan is shown, so
+  they may be saved next to a model and put into reports.
+* :func:`real_reconstruction_grid` and :func:`real_interpolation_grid` show *real training images* (and
+  near copies of them), burned-in text included. They are opt-in diagnostics: never write them into a
+  model directory or anything shared beyond the people allowed to see the training data.
+
+Every grid is laid out by :func:`torchvision.utils.make_grid` and written with
+:func:`medvae._io.write_png`: deterministic bytes (same pixels, same PNG), written atomically.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -18,25 +31,42 @@ from medvae.engine.inference import (
     resolve_labels,
     to_uint8,
 )
+from medvae.synth.sample import sample_images
 from medvae.vae.model import ConvVAE
 
-
-def _grid(images: np.ndarray, nrow: int, pad: int, pad_value: int) -> np.ndarray:
-    n, h, w = images.shape
-    cols = min(n, nrow)
-    rows = -(-n // nrow)
-    grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad), pad_value, dtype=np.uint8)
-    for k in range(n):
-        r, c = divmod(k, nrow)
-        top, left = pad + r * (h + pad), pad + c * (w + pad)
-        grid[top : top + h, left : left + w] = images[k]
-    return grid
+CAPTION_PAD = 4  # pixels around caption text
 
 
-def save_grid(images: np.ndarray, path: Path, nrow: int = 8, pad: int = 2, pad_value: int = 0) -> Path:
-    """Write uint8 images (n, H, W) as one PNG grid, ``nrow`` images per row, atomically.
+def grid_array(images: np.ndarray, nrow: int = 8, pad: int = 2, pad_value: int = 0) -> np.ndarray:
+    """Lay uint8 images (n, H, W) out as one uint8 (H', W') grid with :func:`torchvision.utils.make_grid`.
 
-    The picture is ``min(n, nrow) * (W + pad) + pad`` wide and ``ceil(n / nrow) * (H + pad) + pad`` high.
+    The grid is ``min(n, nrow) * (W + pad) + pad`` wide and ``ceil(n / nrow) * (H + pad) + pad`` high.
+
+    Raises:
+        ValueError: for an empty, non-uint8 or non-3-D array, nrow < 1, pad < 0 or pad_value outside 0..255.
+    """
+    from torchvision.utils import make_grid
+
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim != 3 or len(images) == 0:
+        raise ValueError(f"expected a non-empty uint8 array (n, H, W), got {images.dtype} {images.shape}")
+    if nrow < 1 or pad < 0 or not 0 <= pad_value <= 255:
+        raise ValueError("nrow must be >= 1, pad >= 0 and pad_value in 0..255")
+    t = torch.from_numpy(np.ascontiguousarray(images)).unsqueeze(1)
+    # make_grid repeats one channel into three; the channels are equal, so keep the first (greyscale).
+    return make_grid(t, nrow=nrow, padding=pad, pad_value=pad_value)[0].numpy()
+
+
+def save_grid(
+    images: np.ndarray,
+    path: Path,
+    nrow: int = 8,
+    pad: int = 2,
+    pad_value: int = 0,
+    *,
+    caption: str | None = None,
+) -> Path:
+    """Write uint8 images (n, H, W) as one greyscale PNG grid (:func:`grid_array`), atomically.
 
     Args:
         images: uint8 (n, H, W), n >= 1.
@@ -44,23 +74,128 @@ def save_grid(images: np.ndarray, path: Path, nrow: int = 8, pad: int = 2, pad_v
         nrow: images per row.
         pad: pixels between and around images.
         pad_value: grey level of the padding.
+        caption: text rendered in a strip above the grid (:func:`with_caption`); None for no strip.
 
     Returns:
         ``path``.
+    """
+    grid = grid_array(images, nrow, pad, pad_value)
+    return write_png(grid if caption is None else with_caption(grid, caption), Path(path))
+
+
+def _wrap(text: str, width: int, measure: Callable[[str], float]) -> list[str]:
+    # Greedy word wrap by rendered width; a single over-long word stays on its own line (cut by the edge).
+    lines: list[str] = []
+    for word in text.split(" "):
+        cand = f"{lines[-1]} {word}" if lines else word
+        if lines and measure(cand) <= width:
+            lines[-1] = cand
+        else:
+            lines.append(word)
+    return lines
+
+
+def with_caption(grid: np.ndarray, caption: str, *, fg: int = 255, bg: int = 0) -> np.ndarray:
+    """A copy of a uint8 (H, W) picture with a caption strip above it (Pillow's default font).
+
+    The text is wrapped to the picture's width, so narrow grids get several lines rather than a cut.
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    probe = ImageDraw.Draw(Image.new("L", (1, 1)))
+    width = grid.shape[1]
+    lines = _wrap(" ".join(caption.split()), width - 2 * CAPTION_PAD, probe.textlength)
+    line_h = int(font.getbbox("Ag")[3]) + 2
+    strip = Image.new("L", (width, len(lines) * line_h + 2 * CAPTION_PAD), bg)
+    draw = ImageDraw.Draw(strip)
+    for k, line in enumerate(lines):
+        draw.text((CAPTION_PAD, CAPTION_PAD + k * line_h), line, fill=fg, font=font)
+    return np.concatenate([np.asarray(strip, dtype=np.uint8), grid], axis=0)
+
+
+def sample_grid(
+    model: ConvVAE,
+    path: Path,
+    n: int = 32,
+    *,
+    seed: int,
+    label_index: int | None = None,
+    caption: str | None = None,
+    nrow: int = 8,
+    device: Device = None,
+) -> Path:
+    """A PNG of ``n`` synthetic images decoded from prior draws: no real image, safe to share.
+
+    Args:
+        model: the VAE.
+        path: the PNG to write.
+        n: how many samples (>= 1).
+        seed: the sampling seed (:func:`medvae.synth.sample.sample_images`).
+        label_index: the class to sample for a conditional model; None for an unconditional one.
+        caption: text rendered in a strip above the grid; None for no strip.
+        nrow: images per row.
+        device: where to decode.
+
+    Returns:
+        ``path``.
+    """
+    if n < 1:
+        raise ValueError("sample_grid needs n >= 1")
+    images = sample_images(model, n, label_index=label_index, seed=seed, device=device)
+    return save_grid(images, path, nrow, caption=caption)
+
+
+def label_sample_grids(
+    model: ConvVAE,
+    out_dir: Path,
+    label_names: Sequence[str],
+    *,
+    model_hash: str,
+    seed: int,
+    n: int = 16,
+    nrow: int = 8,
+    device: Device = None,
+) -> dict[str, Path]:
+    """One captioned synthetic grid per label of a conditional VAE: ``samples_<label>.png``.
+
+    Each caption names the label, the model hash prefix and the seed, so a picture found on its own
+    still says what made it. Label k is sampled with seed ``seed * 1000 + k``, so labels do not share
+    latent draws (a caller with its own per-label seeds calls :func:`sample_grid` per label instead).
+
+    Args:
+        model: a conditional VAE whose label indices follow ``label_names``.
+        out_dir: the folder to write into.
+        label_names: the model's label names, by index.
+        model_hash: the model's hash (its first 12 characters are shown).
+        seed: the base seed.
+        n: samples per label.
+        nrow: images per row.
+        device: where to decode.
+
+    Returns:
+        Label name -> written path.
 
     Raises:
-        ValueError: for an empty, non-uint8 or non-3-D array, or nrow < 1 / pad < 0.
+        ValueError: for an unconditional model or a label count that does not match the model.
     """
-    images = np.asarray(images)
-    if images.dtype != np.uint8 or images.ndim != 3 or len(images) == 0:
-        raise ValueError(f"expected a non-empty uint8 array (n, H, W), got {images.dtype} {images.shape}")
-    if nrow < 1 or pad < 0:
-        raise ValueError("nrow must be >= 1 and pad >= 0")
-    return write_png(_grid(images, nrow, pad, pad_value), Path(path))
+    from medvae._io import safe_name
+
+    if not model.n_cond or len(label_names) != model.n_cond:
+        raise ValueError(f"need a conditional VAE with {len(label_names)} classes, got n_cond={model.n_cond}")
+    paths: dict[str, Path] = {}
+    for k, name in enumerate(label_names):
+        s = seed * 1000 + k
+        path = Path(out_dir) / f"samples_{safe_name(name, f'label{k}')}.png"
+        caption = f"synthetic · label {name} · model {model_hash[:12]} · seed {s}"
+        paths[name] = sample_grid(
+            model, path, n, seed=s, label_index=k, caption=caption, nrow=nrow, device=device
+        )
+    return paths
 
 
 @torch.no_grad()
-def reconstruction_grid(
+def real_reconstruction_grid(
     model: ConvVAE,
     images: ImageBatch,
     path: Path,
@@ -71,7 +206,10 @@ def reconstruction_grid(
     default_label: int | None = None,
     device: Device = None,
 ) -> Path:
-    """A PNG of the first ``n`` images and their reconstructions from the posterior mean.
+    """Opt-in, shows real images: a PNG of the first ``n`` images and their reconstructions.
+
+    The originals are real scans and the reconstructions (posterior mean) are close to them: keep the
+    picture where the training data may be seen, never in a model directory or a shared report.
 
     Rows alternate: up to ``nrow`` originals, then their reconstructions directly below.
 
@@ -90,7 +228,7 @@ def reconstruction_grid(
     """
     k = min(n, len(images))
     if k < 1:
-        raise ValueError("reconstruction_grid needs at least one image")
+        raise ValueError("real_reconstruction_grid needs at least one image")
     dev = model_device(model, device)
     x = as_float_batch(images[:k]).to(dev)
     lab = None if labels is None else labels[:k]
@@ -109,7 +247,7 @@ def reconstruction_grid(
 
 
 @torch.no_grad()
-def interpolation_grid(
+def real_interpolation_grid(
     model: ConvVAE,
     a: np.ndarray,
     b: np.ndarray,
@@ -119,7 +257,9 @@ def interpolation_grid(
     *,
     device: Device = None,
 ) -> Path:
-    """A PNG walking the latent space between pairs of images, one row per pair.
+    """Opt-in, shows real images: a PNG walking the latent space between pairs of images.
+
+    Both ends of each row are real scans; keep the picture where the training data may be seen.
 
     Each row shows image a, then ``steps`` decodings of (1 - t)·μ(a) + t·μ(b) for t evenly spaced in
     [0, 1] (so the ends are the reconstructions of a and b), then image b.
@@ -157,3 +297,8 @@ def interpolation_grid(
     walk = to_uint8(dec).reshape(k, steps, *dec.shape[-2:])
     rows = np.concatenate([to_uint8(xa)[:, None], walk, to_uint8(xb)[:, None]], axis=1)
     return save_grid(rows.reshape(-1, *rows.shape[2:]), path, nrow=steps + 2)
+
+
+# Deprecated names kept only until medvae.jobs and medvae.eval.study call the real_* names; remove then.
+reconstruction_grid = real_reconstruction_grid
+interpolation_grid = real_interpolation_grid

@@ -87,8 +87,9 @@ def test_train_augment_screen_cli(sample_dir: Path, tmp_path: Path) -> None:
         app, ["augment", "--model", str(model), "--store", store, "--count", "6", "--dicom", str(dcm)]
     )
     assert res.exit_code == 0, res.output
-    files = sorted(dcm.glob("*.dcm"))
-    assert files
+    files = sorted(dcm.rglob("*.dcm"))
+    syn_ids = set(Store(store).read(where={"origin": "synthetic"}).column("id").to_pylist())
+    assert files and {f.stem for f in files} <= syn_ids  # named by row id, and every one has its row
     ds = pydicom.dcmread(files[0])
     assert ds.PatientIdentityRemoved == "YES" and ds.BurnedInAnnotation == "NO"
     assert ds.pixel_array.shape == (64, 64)
