@@ -164,11 +164,15 @@ def inferno_lut() -> np.ndarray:
 
 
 def _overlay(grey: np.ndarray, heat: np.ndarray, top: float, lut: np.ndarray) -> np.ndarray:
-    """The image in grey with the heat blended over it in inferno, opaque where the heat is largest."""
+    """The image in grey with the heat blended over it, opaque and bright where the heat is largest.
+
+    The colours skip the darkest quarter of inferno (it would darken the scan, not mark it), and the
+    opacity grows with the square root of the heat, so moderate heat stays visible beside the largest.
+    """
     t = np.clip(heat / top, 0.0, 1.0)
     rgb = np.repeat(grey[:, :, None].astype(np.float64), 3, axis=2)
-    colour = lut[np.round(t * 255).astype(np.uint8)].astype(np.float64)
-    alpha = (0.75 * t)[:, :, None]
+    colour = lut[np.round(64 + t * 191).astype(np.uint8)].astype(np.float64)
+    alpha = (0.85 * np.sqrt(t))[:, :, None]
     return np.asarray(np.round(rgb * (1 - alpha) + colour * alpha), dtype=np.uint8)
 
 
@@ -180,7 +184,7 @@ def _tile(image: np.ndarray, heat: np.ndarray, caption: str, top: float, scale: 
     h = image.shape[0] * scale
     left = np.repeat(np.repeat(np.repeat(image[:, :, None], 3, axis=2), scale, 0), scale, 1)
     right = np.repeat(np.repeat(_overlay(image, heat, top, lut), scale, 0), scale, 1)
-    bar = np.repeat(lut[np.linspace(255, 0, h).astype(np.uint8)][:, None, :], 12, axis=1)
+    bar = np.repeat(lut[np.linspace(255, 64, h).astype(np.uint8)][:, None, :], 12, axis=1)
     lines = caption.split("\n") if caption else []
     canvas = Image.new("RGB", (2 * h + 70, h + 14 * len(lines) + 6), "black")
     canvas.paste(Image.fromarray(left), (0, 0))
