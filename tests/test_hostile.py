@@ -167,9 +167,15 @@ def test_synthetic_dicom_labels_do_not_name_files(tmp_path: Path) -> None:
     out = tmp_path / "x" / "dicom"
     before = _files(tmp_path)
     imgs = np.zeros((2, 16, 16), dtype=np.uint8)
-    paths = write_synthetic_dicom(imgs, out, labels=list(HOSTILE_LABELS[:2]), model_hash="ab" * 32, seed=0)
-    assert _files(tmp_path) - before == {Path(p) for p in paths}
-    assert all(Path(p).parent == out for p in paths)
+    ids = ["0" * 16, "1" * 16]
+    paths = write_synthetic_dicom(
+        imgs, out, ids=ids, labels=list(HOSTILE_LABELS[:2]), model_hash="ab" * 32, seed=0
+    )
+    new = _files(tmp_path) - before
+    assert {Path(p) for p in paths} <= new and all(p.parent.parent == out for p in new)
+    # out/<batch>/<row id>.dcm (and the batch's manifest): the label never reaches the path.
+    assert sorted(Path(p).relative_to(out).parts[1] for p in paths) == [f"{i}.dcm" for i in ids]
+    assert all(len(Path(p).relative_to(out).parts) == 2 for p in paths)
     assert pydicom.dcmread(paths[0]).PatientIdentityRemoved == "YES"
 
 

@@ -52,7 +52,7 @@ def test_dask_and_thread_runners_ingest_exactly_the_default_store(
 
     sources = _sources(sample_dir, shared_data, tmp_path)
     base = ingest_flow(sources, str(tmp_path / "a"), {"workers": 1})
-    assert base["skipped"] >= 1 and base["rejected"] >= 5
+    assert base.skipped >= 1 and base.rejected >= 5
     expected = _table(Store(tmp_path / "a"))
     for name, runner in {
         "dask": {"kind": "dask", "address": dask_address, "batch_files": 16},
