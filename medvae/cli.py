@@ -124,6 +124,7 @@ def ingest(
     """Ingest scans into a new version of the store (de-identified, 64×64, de-duplicated)."""
 
     def body() -> None:
+        from medvae.data.ingest import COMMITTED_CONCURRENTLY
         from medvae.data.ingest import ingest as do_ingest
         from medvae.data.store import Store
 
@@ -150,7 +151,10 @@ def ingest(
         where = (
             f"version {rep.version} of {store}" if rep.version is not None else f"{store} (no new version)"
         )
-        console.print(f"wrote {rep.rows_added} rows to {where}", highlight=False)
+        # What this call itself committed: files another ingest committed first are not counted as ours.
+        raced = sum(1 for f in rep.files if f.reason == COMMITTED_CONCURRENTLY)
+        note = f"; {raced} files were committed by a concurrent ingest" if raced else ""
+        console.print(f"wrote {rep.rows_added} rows to {where}{note}", highlight=False)
         out.print(rep.summary_line(), highlight=False)
         c = rep.counts
         if c["seen"] == 0:

@@ -28,6 +28,38 @@ try:
 except ImportError:  # not on Windows: failed writes there keep their orphan files
     fcntl = None  # type: ignore[assignment]
 
+
+def _arrow_without_pandas() -> None:
+    """Let pyarrow build arrays without importing pandas.
+
+    The first ``pa.array`` of a process imports pandas (pyarrow checks whether its input is a pandas
+    object), which costs more CPU than everything else a small ingest does at start-up (2.3 s of CPU
+    time measured on the 2-core reference machine); medvae never hands pyarrow pandas objects. pyarrow
+    tries that import once: made to fail here, with pandas hidden only for that one call, it records "no
+    pandas" for its type checks. Anything that really asks pyarrow for pandas (``to_pandas()``) still
+    gets it, as pyarrow then imports pandas for real.
+    """
+    import sys
+    from importlib.abc import MetaPathFinder
+
+    if "pandas" in sys.modules:
+        return
+
+    class _HidePandas(MetaPathFinder):
+        def find_spec(self, name: str, path: Any = None, target: Any = None) -> None:
+            if name == "pandas" or name.startswith("pandas."):
+                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+    hide = _HidePandas()
+    sys.meta_path.insert(0, hide)
+    try:
+        pa.array([0])
+    finally:
+        sys.meta_path.remove(hide)
+
+
+_arrow_without_pandas()
+
 # The schema is planned for every stage: ingest fills the pixel, provenance and technical columns;
 # augment adds synthetic rows (origin, model_hash, seed); screen fills the nullable score columns.
 SCHEMA = pa.schema(
@@ -109,7 +141,7 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _DISK_FULL = ("no space left on device", "os error 28", "disk quota exceeded", "os error 122")
 
 
-def _brief(exc: BaseException | str, limit: int = 400) -> str:
+def brief(exc: BaseException | str, limit: int = 400) -> str:
     """A delta-rs/object_store error on one plain line: no escape sequences, no control characters.
 
     They come as coloured, indented multi-line chains; every delta-rs message medvae re-raises goes
@@ -328,7 +360,7 @@ class Store:
             if self._key is None:
                 self._key = self._remote_key(create)
             return self._key
-        self._check_location(writing=create)
+        self._check_location(writing=True)  # a store still to be created has its key before its table
         path = _local_path(self.uri) / KEY_DIR / KEY_FILE
         if path.exists():
             return bytes.fromhex(path.read_text().strip())
@@ -384,7 +416,7 @@ class Store:
         except Exception as exc:  # another writer created the key first: use theirs
             found = self._read_key_table()
             if found is None:
-                raise StoreError(f"cannot create the key of store {self.uri}: {_brief(exc)}") from exc
+                raise StoreError(f"cannot create the key of store {self.uri}: {brief(exc)}") from exc
             return found
         # Read back rather than trust the candidate: what is committed is what every writer will use.
         found = self._read_key_table()
@@ -430,7 +462,7 @@ class Store:
             if is_s3(self.uri)
             else ""
         )
-        return StoreError(f"cannot reach store {self.uri}: {_brief(exc)}.{hint}")
+        return StoreError(f"cannot reach store {self.uri}: {brief(exc)}.{hint}")
 
     # ---------------------------------------------------------------- read
     def _check_location(self, writing: bool) -> None:
@@ -457,7 +489,7 @@ class Store:
             return bool(DeltaTable.is_deltatable(self.uri, storage_options=self.storage_options))
         except OSError as exc:
             if is_local(self.uri):
-                raise StoreError(f"cannot read store {self.uri}: {_brief(exc)}") from exc
+                raise StoreError(f"cannot read store {self.uri}: {brief(exc)}") from exc
             raise self._unreachable(exc) from exc
 
     def table(self, version: int | None = None) -> DeltaTable:
@@ -473,10 +505,10 @@ class Store:
             raise StoreError(_no_store(self.uri)) from exc
         except OSError as exc:
             if is_local(self.uri):
-                raise StoreError(f"cannot read store {self.uri}: {_brief(exc)}") from exc
+                raise StoreError(f"cannot read store {self.uri}: {brief(exc)}") from exc
             raise self._unreachable(exc) from exc
         except Exception as exc:  # delta-rs's DeltaError: a log it cannot read
-            raise StoreError(f"cannot open store {self.uri}: {_brief(exc)}") from exc
+            raise StoreError(f"cannot open store {self.uri}: {brief(exc)}") from exc
         if version is not None:
             latest = dt.version()
             if not 0 <= version <= latest:
@@ -730,9 +762,9 @@ class Store:
             return StoreError(
                 f"the disk is full (no space left on device) while writing store {self.uri}: nothing was "
                 "committed and the store is as it was; free some disk space or move the store, then run "
-                f"the command again ({_brief(exc, 200)})"
+                f"the command again ({brief(exc, 200)})"
             )
-        return StoreError(f"{what} {self.uri}: {_brief(exc)}")
+        return StoreError(f"{what} {self.uri}: {brief(exc)}")
 
     @contextlib.contextmanager
     def _write_guard(self) -> Iterator[None]:
@@ -772,7 +804,7 @@ class Store:
         return StoreError(
             f"store {self.uri} kept changing under this write ({MERGE_ATTEMPTS} attempts, each beaten by "
             f"another writer's commit); nothing was written. Re-run the command: rows that the other "
-            f"writers added are skipped, not duplicated. ({_brief(exc, 200)})"
+            f"writers added are skipped, not duplicated. ({brief(exc, 200)})"
         )
 
 
