@@ -137,6 +137,7 @@ def is_s3(uri: str) -> bool:
 # CSI (``ESC [ ... final``), OSC (``ESC ] ... BEL`` or ``ESC ] ... ESC \\``) and two-byte escapes.
 _ESCAPES = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[@-Z\\-_]")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_BACKTRACE = re.compile(r"^\s*(\d+: |at \S+:\d+(:\d+)?$|stack backtrace:)", re.IGNORECASE)
 # How a full disk (or an exceeded quota) shows in delta-rs messages, which carry no errno.
 _DISK_FULL = ("no space left on device", "os error 28", "disk quota exceeded", "os error 122")
 
@@ -147,8 +148,10 @@ def brief(exc: BaseException | str, limit: int = 400) -> str:
     They come as coloured, indented multi-line chains; every delta-rs message medvae re-raises goes
     through here, so a terminal never receives raw escapes.
     """
-    text = _CONTROL.sub(" ", _ESCAPES.sub("", str(exc))).replace("↳", " ")
-    text = " ".join(text.split())
+    lines = _ESCAPES.sub("", str(exc)).splitlines()
+    # With RUST_BACKTRACE set, delta-rs appends a backtrace: "  0: <unknown>", "     at file.rs:1:2".
+    kept = [ln for ln in lines if not _BACKTRACE.match(ln)]
+    text = " ".join(_CONTROL.sub(" ", " ".join(kept)).replace("↳", " ").split())
     return text[:limit] + ("…" if len(text) > limit else "")
 
 
