@@ -103,6 +103,20 @@ class KnownIds:
             array = np.array([bytes.fromhex(i[:32]) for i in source_ids], dtype="S16")
         self._a = np.unique(array)  # sorted, for binary search
 
+    @classmethod
+    def from_arrow(cls, source_ids: pa.ChunkedArray) -> KnownIds:
+        """The known ids of a store's ``source_id`` column, hex-decoded in numpy (no Python string per id:
+        this runs at the start of every ingest, no-op re-ingests included)."""
+        col = source_ids.drop_null().combine_chunks() if source_ids.num_chunks else None
+        if col is None or not len(col):
+            return cls()
+        offsets = np.frombuffer(col.buffers()[1], dtype=np.int32, count=len(col) + 1, offset=col.offset * 4)
+        if not (np.diff(offsets) == 64).all():  # not all keyed-hash hex: the general path
+            return cls(v for v in col.to_pylist())
+        start = int(offsets[0])
+        text = np.frombuffer(col.buffers()[2], dtype=np.uint8, count=64 * len(col), offset=start)
+        return cls(array=_unhex_rows(text.reshape(len(col), 64)[:, :32]))
+
     def __len__(self) -> int:
         return int(self._a.size)
 
@@ -137,6 +151,25 @@ class KnownIds:
         import io
 
         return cls(array=np.load(io.BytesIO(data), allow_pickle=False))
+
+
+_HEX_VALUE = np.full(256, 255, dtype=np.uint8)
+_HEX_VALUE[np.frombuffer(b"0123456789abcdef", np.uint8)] = np.arange(16, dtype=np.uint8)
+_HEX_VALUE[np.frombuffer(b"ABCDEF", np.uint8)] = np.arange(10, 16, dtype=np.uint8)
+
+
+def _unhex_rows(text: np.ndarray) -> np.ndarray:
+    """Rows of ASCII hex digits (uint8, an even number per row) as ``S{digits/2}`` bytes, like
+    ``bytes.fromhex`` on each row.
+
+    Raises:
+        ValueError: on a character that is not a hex digit.
+    """
+    nibbles = _HEX_VALUE[text]
+    if (nibbles == 255).any():
+        raise ValueError("not a hexadecimal id")
+    raw = (nibbles[:, 0::2] << 4) | nibbles[:, 1::2]
+    return np.ascontiguousarray(raw).view(f"S{raw.shape[1]}").ravel()
 
 
 # ------------------------------------------------------------------------------------------- workers
@@ -394,7 +427,7 @@ def plan_ingest(sources: Sequence[Path], store: Store, cfg: IngestConfig) -> Ing
     known = KnownIds()
     if store.exists():
         _check_image_settings(store, cfg)
-        known = KnownIds(store.ids("source_id"))
+        known = KnownIds.from_arrow(store.column("source_id"))
     plan = IngestPlan(results, jobs, store.key(), known)
     _skip_cached(plan, store)
     return plan

@@ -15,8 +15,8 @@ device underneath; whoever ingests from such a place can delete ``_medvae/stat_c
 "already in the store" is still decided against the store's own ids: an entry whose source id is not in
 the store (rows deleted, an older version restored) is ignored.
 
-Privacy. Folder and file names carry patient names, so no path is stored: entries are HMAC-SHA256 under the
-store's secret key (the same key as the source ids), truncated to 128 bits, next to source-id prefixes that
+Privacy. Folder and file names carry patient names, so no path is stored: entries are 128-bit keyed BLAKE2b
+MACs under the store's secret key (the same key as the source ids), next to source-id prefixes that
 are already in the store. It lives beside the store (``_medvae/stat_cache.npy``, a plain ``.npy`` read
 without pickle) and is rewritten whole, atomically, after an ingest; of two concurrent ingests the last one
 wins and the other's entries are simply hashed again next time.
@@ -25,7 +25,6 @@ wins and the other's entries are simply hashed again next time.
 from __future__ import annotations
 
 import hashlib
-import hmac
 import logging
 import os
 
@@ -36,11 +35,17 @@ _DTYPE = np.dtype([("stat", "S16"), ("source", "S16")])
 
 
 def stat_key(key: bytes, path: str, st: os.stat_result) -> bytes:
-    """The 128-bit keyed hash of a file's absolute path and identifying metadata."""
+    """The 128-bit keyed hash of a file's absolute path and identifying metadata.
+
+    Keyed BLAKE2b (a MAC by design, under the store's key, personalised so that it never equals another
+    medvae hash): one C call per file, a third of what ``hmac.new`` costs. Every file of every re-ingest
+    is keyed here, so it is most of what a no-op re-ingest computes.
+    """
     text = (
         f"{os.path.abspath(path)}\0{st.st_dev}\0{st.st_ino}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}"
     )
-    return hmac.new(key, b"stat\x00" + text.encode("utf-8", "surrogatepass"), hashlib.sha256).digest()[:16]
+    data = text.encode("utf-8", "surrogatepass")
+    return hashlib.blake2b(data, key=key, digest_size=16, person=b"medvae-stat").digest()
 
 
 def source_prefix(source_id: str) -> bytes:

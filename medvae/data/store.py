@@ -553,10 +553,13 @@ class Store:
 
     def ids(self, column: str = "source_id") -> set[str]:
         """The distinct non-null values of one id column in the latest version (empty for a new store)."""
+        return {v for v in self.column(column).to_pylist() if v is not None}
+
+    def column(self, name: str) -> pa.ChunkedArray:
+        """One column of the latest version as Arrow (empty for a new store), without Python objects."""
         if not self.exists():
-            return set()
-        col = self.table().to_pyarrow_table(columns=[column]).column(column)
-        return {v for v in col.to_pylist() if v is not None}
+            return pa.chunked_array([], type=SCHEMA.field(name).type)
+        return self.table().to_pyarrow_table(columns=[name]).column(name)
 
     def _commits(self, dt: DeltaTable | None = None) -> list[tuple[dict[str, Any], dict[str, Any]]]:
         """Every commit up to ``dt``'s version (the latest when None), oldest first, as (delta-rs commit
