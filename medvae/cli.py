@@ -147,6 +147,7 @@ def ingest(
 
     def body() -> None:
         from medvae.config import IngestConfig
+        from medvae.data.ingest import COMMITTED_CONCURRENTLY
         from medvae.data.ingest import ingest as do_ingest
         from medvae.data.store import Store
         from medvae.jobs.results import IngestSummary
@@ -163,7 +164,10 @@ def ingest(
         where = (
             f"version {rep.version} of {store}" if rep.version is not None else f"{store} (no new version)"
         )
-        note(f"wrote {rep.rows_added} rows to {where}")
+        # What this call itself committed: files another ingest committed first are not counted as ours.
+        raced = sum(1 for f in rep.files if f.reason == COMMITTED_CONCURRENTLY)
+        extra = f"; {raced} files were committed by a concurrent ingest" if raced else ""
+        note(f"wrote {rep.rows_added} rows to {where}{extra}")
         say(summary.line())
         if summary.seen == 0:
             _fail("no files found in the given sources", FileNotFoundError(str(sources)))

@@ -3,22 +3,23 @@
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
+import math
 import os
 import stat
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from medvae._io import atomic_write_text
 from medvae.config import IngestConfig, to_jsonable
+from medvae.data import statcache
 from medvae.data.deid import allowed_meta, keyed_hash, patient_from_name, split_for
-from medvae.data.prepare import stored_image
 from medvae.data.staging import read_bytes, remove_tree, write_bytes
+from medvae.data.statcache import source_prefix, stat_key
 from medvae.data.walk import iter_files, label_for, read_labels_csv
 
 if TYPE_CHECKING:  # the store pulls in deltalake and pyarrow, which spawned decoder workers never need
@@ -27,17 +28,28 @@ if TYPE_CHECKING:  # the store pulls in deltalake and pyarrow, which spawned dec
     from medvae.data.store import Store
 
 INGESTED, REJECTED, SKIPPED = "ingested", "rejected", "skipped"
+ALREADY_STORED = "already in the store (same content)"
+COMMITTED_CONCURRENTLY = "already in the store: committed by a concurrent ingest"
+# Files per decode batch: CLAHE is vectorised over a batch, and below ~16 images its fixed costs show.
+MIN_BATCH, MAX_BATCH = 16, 64
+POOL_MIN_FILES = 64  # below this, decoding in this process beats starting a pool (~1 s on two cores)
 
 
 @dataclass
 class FileResult:
-    """What happened to one input file: its status, and the reason when it was rejected or skipped."""
+    """What happened to one input file: its status, and the reason when it was rejected or skipped.
+
+    ``source`` (the 128-bit prefix of its source id) and ``stat`` (its stat-cache key) let the stat cache
+    learn the file; neither is written to the report.
+    """
 
     path: str
     status: str
     reason: str | None = None
     ids: list[str] = field(default_factory=list)
     rows: list[dict[str, Any]] = field(default_factory=list, repr=False)
+    source: bytes | None = field(default=None, repr=False)
+    stat: bytes | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -75,19 +87,98 @@ class IngestReport:
 
     def write(self, path: Path) -> None:
         """Write the JSON report atomically."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(self.to_json(), indent=2), encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(self.to_json(), indent=2))
+
+
+class KnownIds:
+    """Source ids already in a store, as a sorted array of their 128-bit prefixes (16 bytes each).
+
+    A frozenset of 64-character strings costs ~150 bytes per id: 1.5 GB in every worker for an archive of
+    ten million scans. 16 bytes per id is 160 MB. The prefix is the same 128 bits that make a row's
+    ``id``, so this is exactly as discriminating as the store itself.
+    """
+
+    def __init__(self, source_ids: Iterable[str] = (), *, array: np.ndarray | None = None) -> None:
+        if array is None:
+            array = np.array([bytes.fromhex(i[:32]) for i in source_ids], dtype="S16")
+        self._a = np.unique(array)  # sorted, for binary search
+
+    @classmethod
+    def from_arrow(cls, source_ids: pa.ChunkedArray) -> KnownIds:
+        """The known ids of a store's ``source_id`` column, hex-decoded in numpy (no Python string per id:
+        this runs at the start of every ingest, no-op re-ingests included)."""
+        col = source_ids.drop_null().combine_chunks() if source_ids.num_chunks else None
+        if col is None or not len(col):
+            return cls()
+        offsets = np.frombuffer(col.buffers()[1], dtype=np.int32, count=len(col) + 1, offset=col.offset * 4)
+        if not (np.diff(offsets) == 64).all():  # not all keyed-hash hex: the general path
+            return cls(v for v in col.to_pylist())
+        start = int(offsets[0])
+        text = np.frombuffer(col.buffers()[2], dtype=np.uint8, count=64 * len(col), offset=start)
+        return cls(array=_unhex_rows(text.reshape(len(col), 64)[:, :32]))
+
+    def __len__(self) -> int:
+        return int(self._a.size)
+
+    def __contains__(self, source_id: object) -> bool:
+        if not isinstance(source_id, str) or not self._a.size:
+            return False
+        k = np.array(bytes.fromhex(source_id[:32]), dtype="S16")
+        j = int(np.searchsorted(self._a, k))
+        return j < self._a.size and bool(self._a[j] == k)
+
+    def prefixes(self) -> np.ndarray:
+        """The sorted ``S16`` prefixes (read-only)."""
+        view = self._a.view()
+        view.flags.writeable = False
+        return view
+
+    def contains_prefixes(self, prefixes: np.ndarray) -> np.ndarray:
+        """For an ``S16`` array of source-id prefixes, which are in the store (a bool mask)."""
+        return np.isin(prefixes, self._a)
+
+    def to_bytes(self) -> bytes:
+        """The ``.npy`` serialisation (no pickle)."""
+        import io
+
+        buf = io.BytesIO()
+        np.save(buf, self._a, allow_pickle=False)
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> KnownIds:
+        """Read what :meth:`to_bytes` wrote."""
+        import io
+
+        return cls(array=np.load(io.BytesIO(data), allow_pickle=False))
+
+
+_HEX_VALUE = np.full(256, 255, dtype=np.uint8)
+_HEX_VALUE[np.frombuffer(b"0123456789abcdef", np.uint8)] = np.arange(16, dtype=np.uint8)
+_HEX_VALUE[np.frombuffer(b"ABCDEF", np.uint8)] = np.arange(10, 16, dtype=np.uint8)
+
+
+def _unhex_rows(text: np.ndarray) -> np.ndarray:
+    """Rows of ASCII hex digits (uint8, an even number per row) as ``S{digits/2}`` bytes, like
+    ``bytes.fromhex`` on each row.
+
+    Raises:
+        ValueError: on a character that is not a hex digit.
+    """
+    nibbles = _HEX_VALUE[text]
+    if (nibbles == 255).any():
+        raise ValueError("not a hexadecimal id")
+    raw = (nibbles[:, 0::2] << 4) | nibbles[:, 1::2]
+    return np.ascontiguousarray(raw).view(f"S{raw.shape[1]}").ravel()
 
 
 # ------------------------------------------------------------------------------------------- workers
 @dataclass(frozen=True)
 class DecodeContext:
-    """What decoding one file needs besides the file: the store's key, the ids it holds, the config.
+    """What decoding a file needs besides the file: the store's key, the ids it holds, the config.
 
-    ``known`` is anything with ``in``: a frozenset in the embedded path, a :class:`KnownIds` array when
-    batches run on a task runner (compact enough to ship to every worker of a large archive).
+    ``known`` is anything with ``in``: a :class:`KnownIds` (compact enough to ship to every worker of a
+    large archive) or a set of source ids.
     """
 
     key: bytes
@@ -98,37 +189,66 @@ class DecodeContext:
 _W: dict[str, Any] = {}
 
 
-def _init_worker(key: bytes, known: frozenset[str], cfg_json: str, pool_worker: bool = True) -> None:
-    # Runs once per worker process: the config, key and known ids are shipped once, not per file.
-    if pool_worker:
-        # Parallelism comes from processes, one per core; multi-threaded BLAS inside each would
-        # oversubscribe the cores, and spinning BLAS threads then make a 0.2 ms resize take 10 ms.
-        from threadpoolctl import threadpool_limits
-
-        _W["limits"] = threadpool_limits(1)
+def _init_worker(key: bytes, known: Any, cfg_json: str) -> None:
+    # Runs once per worker process (medvae._pool pins its BLAS): config, key and known ids are shipped once.
     _W["ctx"] = DecodeContext(key, known, IngestConfig.model_validate_json(cfg_json))
 
 
-def _process_in_worker(job: tuple[str, str | None]) -> FileResult:
-    """:func:`decode_one` with the context that :func:`_init_worker` installed in this process."""
-    return decode_one(job, _W["ctx"])
+def _decode_in_worker(jobs: list[tuple[str, str | None]]) -> list[FileResult]:
+    """:func:`decode_many` with the context that :func:`_init_worker` installed in this process."""
+    return decode_many(jobs, _W["ctx"])
+
+
+@dataclass
+class _Decoded:
+    """A file decoded and normalised, waiting for the batch's intensity standardisation."""
+
+    path: str
+    label: str | None
+    source_id: str
+    images: list[Any]  # readers.DecodedImage
+    normalised: list[np.ndarray]
 
 
 def decode_one(job: tuple[str, str | None], ctx: DecodeContext) -> FileResult:
-    """Decode one file into store rows, or say why not. Never raises: every file gets a result.
+    """:func:`decode_many` of one file."""
+    return decode_many([job], ctx)[0]
+
+
+def decode_many(jobs: Sequence[tuple[str, str | None]], ctx: DecodeContext) -> list[FileResult]:
+    """Decode files into store rows, or say why not. Never raises: every file gets a result.
+
+    Each file is read, hashed, decoded and normalised on its own; the intensity standardisation (CLAHE)
+    then runs once over every image of the batch, vectorised.
 
     Args:
-        job: the file's path and its label (None when unlabelled).
+        jobs: each file's path and its label (None when unlabelled).
         ctx: the store key, the source ids already stored, and the ingest config.
 
     Returns:
-        The file's result; its rows hold the pixels when it was ingested.
+        One result per job, in order; ingested ones hold their rows (with the pixels).
     """
+    results: list[FileResult] = []
+    pending: list[tuple[int, _Decoded]] = []
+    for job in jobs:
+        out = _read_and_normalise(job, ctx)
+        if isinstance(out, _Decoded):
+            pending.append((len(results), out))
+            out = FileResult(out.path, INGESTED, source=source_prefix(out.source_id))
+        results.append(out)
+    if pending:
+        for (i, dec), pixels in zip(pending, _standardise(pending, ctx.cfg), strict=True):
+            results[i] = _rows_of(dec, pixels, ctx) if isinstance(pixels, np.ndarray) else pixels
+    return results
+
+
+def _read_and_normalise(job: tuple[str, str | None], ctx: DecodeContext) -> FileResult | _Decoded:
+    """Read, hash, decode and normalise one file; a FileResult when it is rejected or already stored."""
+    from medvae.data.prepare import normalised_image
     from medvae.data.readers import RejectedInput, decode_bytes
 
     path_s, label = job
-    cfg, key = ctx.cfg, ctx.key
-    path = Path(path_s)
+    cfg = ctx.cfg
     if label is not None and not _is_utf8(label):
         # A folder name in a legacy encoding (e.g. Latin-1 bytes) reaches Python as surrogate escapes,
         # which the store's UTF-8 string column refuses: at commit time, failing the whole ingest. The
@@ -139,25 +259,14 @@ def decode_one(job: tuple[str, str | None], ctx: DecodeContext) -> FileResult:
             "label folder name is not valid UTF-8: labels are stored as text; rename the folder "
             "(e.g. with convmv) or give labels in labels_csv",
         )
-    try:
-        st = path.stat()
-        if not stat.S_ISREG(st.st_mode):
-            return FileResult(path_s, REJECTED, f"not a regular file ({_file_kind(st.st_mode)})")
-        if st.st_size > cfg.max_file_bytes:
-            return FileResult(
-                path_s,
-                REJECTED,
-                f"file is {st.st_size} bytes, over max_file_bytes={cfg.max_file_bytes}; not read "
-                "(raise max_file_bytes to ingest it)",
-            )
-        data = path.read_bytes()
-    except OSError as exc:
-        return FileResult(path_s, REJECTED, f"cannot read file: {exc.strerror or exc}")
-    source_id = keyed_hash(key, "source", data)
+    data = _read_file(Path(path_s), cfg)
+    if isinstance(data, FileResult):
+        return data
+    source_id = keyed_hash(ctx.key, "source", data)
     if source_id in ctx.known:
-        return FileResult(path_s, SKIPPED, "already in the store (same content)", ids=[])
+        return FileResult(path_s, SKIPPED, ALREADY_STORED, source=source_prefix(source_id))
     try:
-        images = decode_bytes(data, path.name, cfg)
+        images = decode_bytes(data, Path(path_s).name, cfg)
     except RejectedInput as exc:
         return FileResult(path_s, REJECTED, exc.reason)
     except (KeyboardInterrupt, SystemExit):
@@ -166,14 +275,62 @@ def decode_one(job: tuple[str, str | None], ctx: DecodeContext) -> FileResult:
         # A decoder bug must not stop the batch; the file is rejected with the cause. BaseException, not
         # Exception: a panicking Rust codec raises pyo3's PanicException, which derives from it.
         return FileResult(path_s, REJECTED, f"unexpected decoder error {type(exc).__name__}: {exc}")
+    try:
+        normalised = [normalised_image(img.pixels, cfg) for img in images]
+    except Exception as exc:
+        return FileResult(path_s, REJECTED, f"cannot normalise image: {type(exc).__name__}: {exc}")
+    return _Decoded(path_s, label, source_id, images, normalised)
 
-    rows: list[dict[str, Any]] = []
-    for img in images:
+
+def _read_file(path: Path, cfg: IngestConfig) -> bytes | FileResult:
+    """The bytes of a regular file within the size limit, or why not."""
+    try:
+        st = path.stat()
+        if not stat.S_ISREG(st.st_mode):
+            return FileResult(str(path), REJECTED, f"not a regular file ({_file_kind(st.st_mode)})")
+        if st.st_size > cfg.max_file_bytes:
+            return FileResult(
+                str(path),
+                REJECTED,
+                f"file is {st.st_size} bytes, over max_file_bytes={cfg.max_file_bytes}; not read "
+                "(raise max_file_bytes to ingest it)",
+            )
+        return path.read_bytes()
+    except OSError as exc:
+        return FileResult(str(path), REJECTED, f"cannot read file: {exc.strerror or exc}")
+
+
+def _standardise(pending: list[tuple[int, _Decoded]], cfg: IngestConfig) -> list[np.ndarray | FileResult]:
+    """Each pending file's standardised images, ``(frames, size, size)``: one vectorised call for the batch.
+
+    Should the batch call fail (a bug), each file is standardised alone, so only a file that itself
+    fails is rejected.
+    """
+    from medvae.data.prepare import standardised
+
+    counts = [len(dec.normalised) for _, dec in pending]
+    try:
+        stack = standardised(np.stack([im for _, dec in pending for im in dec.normalised]), cfg)
+        return list(np.split(stack, np.cumsum(counts)[:-1]))
+    except Exception:
+        pass
+    out: list[np.ndarray | FileResult] = []
+    for _, dec in pending:
         try:
-            pix = stored_image(img.pixels, cfg)
+            out.append(standardised(np.stack(dec.normalised), cfg))
         except Exception as exc:
-            return FileResult(path_s, REJECTED, f"cannot normalise image: {type(exc).__name__}: {exc}")
-        patient = img.patient_ref or patient_from_name(path.name, cfg.patient_regex)
+            out.append(
+                FileResult(dec.path, REJECTED, f"cannot standardise image: {type(exc).__name__}: {exc}")
+            )
+    return out
+
+
+def _rows_of(dec: _Decoded, pixels: np.ndarray, ctx: DecodeContext) -> FileResult:
+    """The store rows of one decoded file (one per image), de-identified."""
+    cfg, key = ctx.cfg, ctx.key
+    rows: list[dict[str, Any]] = []
+    for img, pix in zip(dec.images, pixels, strict=True):
+        patient = img.patient_ref or patient_from_name(Path(dec.path).name, cfg.patient_regex)
         # surrogatepass: a patient ID cut from a non-UTF-8 file name holds surrogate escapes, which plain
         # encode() refuses (an exception outside any handler); this encoding is still one-to-one.
         patient_key = (
@@ -181,26 +338,27 @@ def decode_one(job: tuple[str, str | None], ctx: DecodeContext) -> FileResult:
         )
         meta = allowed_meta(img.meta)
         spacing = meta.pop("pixel_spacing") or [None, None]
-        row_id = source_id[:32] if len(images) == 1 else f"{source_id[:32]}-f{img.frame_index}"
+        sid = dec.source_id
         rows.append(
             {
                 **meta,
-                "id": row_id,
-                "source_id": source_id,
+                "id": sid[:32] if len(dec.images) == 1 else f"{sid[:32]}-f{img.frame_index}",
+                "source_id": sid,
                 "patient_key": patient_key,
                 "frame": img.frame_index,
                 "n_frames": img.n_frames,
                 "height": cfg.size,
                 "width": cfg.size,
-                "pixels": pix.tobytes(),
-                "label": label,
-                "split": split_for(key, patient_key or source_id, cfg.split_fractions),
+                "pixels": np.ascontiguousarray(pix).tobytes(),
+                "label": dec.label,
+                "split": split_for(key, patient_key or sid, cfg.split_fractions),
                 "origin": "real",
                 "pixel_spacing_row": spacing[0],
                 "pixel_spacing_col": spacing[1],
             }
         )
-    return FileResult(path_s, INGESTED, None, ids=[r["id"] for r in rows], rows=rows)
+    ids = [r["id"] for r in rows]
+    return FileResult(dec.path, INGESTED, None, ids=ids, rows=rows, source=source_prefix(dec.source_id))
 
 
 def _is_utf8(text: str) -> bool:
@@ -226,33 +384,37 @@ def _file_kind(mode: int) -> str:
     return "an unknown kind of file"
 
 
+# ---------------------------------------------------------------------------------------------- plan
 @dataclass
 class IngestPlan:
     """The walked input of one ingest, before any file is decoded.
 
     Attributes:
-        results: one slot per walked file, in walk order; files the walk itself rejected are filled in.
+        results: one slot per walked file, in walk order; files the walk itself rejected, and files the
+            stat cache recognised as already stored, are filled in.
         jobs: ``(slot, (path, label))`` for every file still to decode.
         key: the store's HMAC key (never leaves the machine that plans and the workers that decode).
-        known: source ids already in the store; their files are skipped without decoding.
+        known: source ids already in the store; files with that content are skipped without decoding.
+        stats: each job slot's stat-cache key (absent when the file could not be stat'ed).
     """
 
     results: list[FileResult | None]
     jobs: list[tuple[int, tuple[str, str | None]]]
     key: bytes
-    known: frozenset[str]
+    known: KnownIds
+    stats: dict[int, bytes] = field(default_factory=dict)
 
 
 def plan_ingest(sources: Sequence[Path], store: Store, cfg: IngestConfig) -> IngestPlan:
     """Walk ``sources``, check the store's image settings, and list the files to decode.
 
-    Creates the store's key on first use, so that workers elsewhere can read it.
+    Files whose path and metadata the stat cache knows, with content still in the store, are skipped here
+    without being opened (:mod:`medvae.data.statcache`). Creates the store's key on first use, so that
+    workers elsewhere can read it.
 
     Raises:
         StoreError: when the store holds images made with other image settings, or cannot be read.
     """
-    from medvae.data.store import StoreError, image_settings_of
-
     csv_labels = read_labels_csv(cfg.labels_csv) if cfg.labels_csv else None
     walked = list(iter_files(sources))
     results: list[FileResult | None] = [None] * len(walked)
@@ -262,19 +424,65 @@ def plan_ingest(sources: Sequence[Path], store: Store, cfg: IngestConfig) -> Ing
             results[i] = FileResult(str(path), REJECTED, walk_error)
         else:
             jobs.append((i, (str(path), label_for(path, cfg, csv_labels))))
-
+    known = KnownIds()
     if store.exists():
-        # One store holds one kind of image: refuse to mix, say, CLAHE-standardised and raw pixels.
-        prior, mine = store.image_settings(), image_settings_of(to_jsonable(cfg))
-        if prior is not None and prior != mine:
-            diff = ", ".join(f"{k}={prior[k]}" for k in prior if prior[k] != mine[k])
-            raise StoreError(
-                f"store {store.uri} holds images ingested with {diff}; ingest with the same settings "
-                "(--set key=value) or into a new store"
-            )
-    return IngestPlan(results, jobs, store.key(), frozenset(store.ids("source_id")))
+        _check_image_settings(store, cfg)
+        known = KnownIds.from_arrow(store.column("source_id"))
+    plan = IngestPlan(results, jobs, store.key(), known)
+    _skip_cached(plan, store)
+    return plan
 
 
+def _check_image_settings(store: Store, cfg: IngestConfig) -> None:
+    """One store holds one kind of image: refuse to mix, say, CLAHE-standardised and raw pixels."""
+    from medvae.data.store import StoreError, image_settings_of
+
+    prior, mine = store.image_settings(), image_settings_of(to_jsonable(cfg))
+    if prior is not None and prior != mine:
+        diff = ", ".join(f"{k}={prior[k]}" for k in prior if prior[k] != mine[k])
+        raise StoreError(
+            f"store {store.uri} holds images ingested with {diff}; ingest with the same settings "
+            "(--set key=value) or into a new store"
+        )
+
+
+def _skip_cached(plan: IngestPlan, store: Store) -> None:
+    """Stat every job's file, and fill in the ones the stat cache knows to be in the store."""
+    for slot, (path, _) in plan.jobs:
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue  # the decoder says what is wrong with it
+        if stat.S_ISREG(st.st_mode):
+            plan.stats[slot] = stat_key(plan.key, path, st)
+    if not len(plan.known) or not plan.stats:
+        return
+    slots = list(plan.stats)
+    found, prefixes = statcache.load(store.uri).lookup([plan.stats[s] for s in slots])
+    hit = found & plan.known.contains_prefixes(prefixes)
+    if not hit.any():
+        return
+    done = {s for s, h in zip(slots, hit.tolist(), strict=True) if h}
+    for slot, (path, _) in plan.jobs:
+        if slot in done:
+            plan.results[slot] = FileResult(path, SKIPPED, ALREADY_STORED, stat=plan.stats[slot])
+    plan.jobs = [j for j in plan.jobs if j[0] not in done]
+
+
+def _remember(store: Store, results: Sequence[FileResult], known: KnownIds) -> None:
+    """Add to the stat cache every file whose content is now in the store (see :mod:`statcache`)."""
+    pairs = [
+        (r.stat, r.source)
+        for r in results
+        if r.stat is not None and r.source is not None and r.status in (INGESTED, SKIPPED)
+    ]
+    if not pairs:
+        return  # nothing new to remember: a no-op re-ingest writes nothing
+    in_store = np.concatenate([known.prefixes(), np.array([p for _, p in pairs], dtype="S16")])
+    statcache.save(store.uri, statcache.load(store.uri).merged(pairs, keep=in_store))
+
+
+# -------------------------------------------------------------------------------------------- ingest
 def ingest(
     sources: Sequence[Path],
     store: Store,
@@ -285,9 +493,11 @@ def ingest(
 ) -> IngestReport:
     """Ingest every file under ``sources`` into ``store`` as exactly one new version.
 
-    Files are decoded on every core. Content already in the store, or repeated within this batch, is
-    skipped; files that cannot or must not be ingested are rejected with a reason. A broken file never
-    stops the run. Nothing that identifies a patient, a date, an original UID or a source path is written.
+    Files are decoded on every core, in batches (so that CLAHE runs vectorised over each batch); the
+    process pool starts only when there are enough files to decode. Content already in the store, or
+    repeated within this batch, is skipped; files that cannot or must not be ingested are rejected with
+    a reason. A broken file never stops the run. Nothing that identifies a patient, a date, an original
+    UID or a source path is written.
 
     Args:
         sources: files and folders to ingest.
@@ -307,13 +517,19 @@ def ingest(
     done = total - len(plan.jobs)
     if on_progress:
         on_progress(done, total)
+    slots = iter([slot for slot, _ in plan.jobs])
     init_args = (plan.key, plan.known, cfg.model_dump_json())
-    for (i, _), res in zip(plan.jobs, _run_jobs([j for _, j in plan.jobs], cfg, init_args), strict=True):
-        plan.results[i] = res
-        done += 1
+    for batch in _run_jobs([j for _, j in plan.jobs], cfg, init_args):
+        for res, slot in zip(batch, slots, strict=False):  # batches come back in job order
+            res.stat = plan.stats.get(slot)
+            plan.results[slot] = res
+        done += len(batch)
         if on_progress:
             on_progress(done, total)
-    return commit_ingest([r for r in plan.results if r is not None], store, cfg, operation=operation)
+    results = [r for r in plan.results if r is not None]
+    report = commit_ingest(results, store, cfg, operation=operation)
+    _remember(store, results, plan.known)
+    return report
 
 
 def commit_ingest(
@@ -327,7 +543,10 @@ def commit_ingest(
     """Commit decoded files as exactly one new version; the last step of every ingest.
 
     Content repeated inside the batch is skipped here (the first file in walk order wins), so the
-    outcome does not depend on how the files were split among workers.
+    outcome does not depend on how the files were split among workers. The report says what this call
+    really committed: a file whose rows a concurrent ingest committed first is skipped ("committed by a
+    concurrent ingest"), and the version and ``rows_added`` are those of the commit itself, in the report
+    and in the version's lineage alike.
 
     Args:
         results: every walked file's result, in walk order; ingested ones carry their rows, unless the
@@ -339,80 +558,121 @@ def commit_ingest(
 
     Returns:
         The report, with the new version (None when nothing new was committed).
+
+    Raises:
+        StoreError: when the store cannot be written.
     """
-    import pyarrow as pa
+    from medvae.data.store import StoreError, brief, lineage
 
-    from medvae.data.store import SCHEMA, StoreError, empty_rows, lineage, to_arrow
+    _skip_batch_duplicates(results)
+    rows = _rows_to_commit(results, extra_rows)
+    report = IngestReport(results, None, store.uri)
+    base: dict[str, Any] = {}
+    if rows.num_rows:  # lineage runs git: only for a version that will be written
+        reasons = Counter((r.reason or "").split(":")[0] for r in results if r.status == REJECTED)
+        base = lineage(operation, to_jsonable(cfg), rejected_reasons=dict(reasons))
 
+    def meta(added: frozenset[str]) -> dict[str, Any]:
+        # Called with the ids the merge really adds, again on each retry over a newer snapshot.
+        counts = IngestReport(_as_committed(results, added), None, store.uri).counts
+        return {**base, "counts": counts, "rows_added": len(added)}
+
+    try:
+        committed = store.insert_new(rows, meta)
+    except StoreError:
+        raise
+    except Exception as exc:
+        raise StoreError(f"cannot write to store {store.uri}: {brief(exc)}") from exc
+    report.files = _as_committed(results, committed.ids if committed is not None else frozenset())
+    report.version = committed.version if committed is not None else None
+    return report
+
+
+def _skip_batch_duplicates(results: list[FileResult]) -> None:
+    """Mark files whose content an earlier file of the same batch already has (walk order wins)."""
     seen_ids: set[str] = set()
     for r in results:
         if r.status != INGESTED:
             continue
         if any(i in seen_ids for i in r.ids):
-            r.status, r.reason, r.rows = SKIPPED, "duplicate of another file in this batch (same content)", []
-            r.ids = []
+            r.status, r.reason, r.rows, r.ids = (
+                SKIPPED,
+                "duplicate of another file in this batch (same content)",
+                [],
+                [],
+            )
             continue
         seen_ids.update(r.ids)
+
+
+def _rows_to_commit(results: list[FileResult], extra_rows: Iterable[pa.Table]) -> pa.Table:
+    """The rows of every file still ingested, in walk order, one per id: from the results themselves
+    or, for a batched ingest, from the staged tables."""
+    import pyarrow as pa
+
+    from medvae.data.store import SCHEMA, empty_rows, to_arrow
 
     buf = empty_rows()
     for r in results:
         for row in r.rows:
             for k in buf:
                 buf[k].append(row.get(k))
+        r.rows = []  # the pixels now live in the Arrow table only
     rows = to_arrow(buf)
     staged = [t.cast(SCHEMA) for t in extra_rows]
-    if staged:
-        # Keep the ids of files still ingested after de-duplication, in walk order, one row each.
-        order = {i: n for n, i in enumerate(i for r in results if r.status == INGESTED for i in r.ids)}
-        all_staged = pa.concat_tables(staged)
-        ids = all_staged.column("id").to_pylist()
-        first: dict[str, int] = {}
-        for n, i in enumerate(ids):
-            if i in order and i not in first:
-                first[i] = n
-        picked = sorted(first, key=order.__getitem__)
-        take = pa.array([first[i] for i in picked], type=pa.int64())
-        rows = pa.concat_tables([rows, all_staged.take(take)])
-    report = IngestReport(results, None, store.uri)
-    reasons = Counter((r.reason or "").split(":")[0] for r in results if r.status == REJECTED)
-    meta = lineage(
-        operation,
-        to_jsonable(cfg),
-        counts=report.counts,
-        rows_added=report.rows_added,
-        rejected_reasons=dict(reasons),
-    )
-    try:
-        report.version = store.insert_new(rows, meta)
-    except Exception as exc:
-        if isinstance(exc, StoreError):
-            raise
-        raise StoreError(f"cannot write to store {store.uri}: {exc}") from exc
+    if not staged:
+        return rows
+    order = {i: n for n, i in enumerate(i for r in results if r.status == INGESTED for i in r.ids)}
+    all_staged = pa.concat_tables(staged)
+    first: dict[str, int] = {}
+    for n, i in enumerate(all_staged.column("id").to_pylist()):
+        if i in order and i not in first:
+            first[i] = n
+    take = pa.array([first[i] for i in sorted(first, key=order.__getitem__)], type=pa.int64())
+    return pa.concat_tables([rows, all_staged.take(take)])
+
+
+def _as_committed(results: list[FileResult], added: frozenset[str]) -> list[FileResult]:
+    """``results`` as they stand once ``added`` is what the commit really added: an ingested file none of
+    whose rows were added was committed by a concurrent ingest first, and is skipped."""
+    out = []
     for r in results:
-        r.rows = []  # pixels are in the store now; keep the report light
-    return report
+        if r.status == INGESTED:
+            kept = [i for i in r.ids if i in added]
+            if not kept:
+                r = FileResult(r.path, SKIPPED, COMMITTED_CONCURRENTLY, source=r.source, stat=r.stat)
+            elif len(kept) != len(r.ids):
+                r = FileResult(r.path, INGESTED, None, ids=kept, source=r.source, stat=r.stat)
+        out.append(r)
+    return out
 
 
 def _run_jobs(
-    jobs: list[tuple[str, str | None]], cfg: IngestConfig, init_args: tuple[bytes, frozenset[str], str]
-) -> Iterable[FileResult]:
-    workers = cfg.workers or os.cpu_count() or 1
-    if workers == 1 or len(jobs) < 32:
+    jobs: list[tuple[str, str | None]], cfg: IngestConfig, init_args: tuple[bytes, KnownIds, str]
+) -> Iterator[list[FileResult]]:
+    """Decode ``jobs`` in batches, in order: in this process when there are few, else on a process pool
+    that is started once, only now that there is something to decode."""
+    if not jobs:
+        return
+    workers = min(cfg.workers or os.cpu_count() or 1, math.ceil(len(jobs) / MIN_BATCH))
+    if workers <= 1 or len(jobs) < POOL_MIN_FILES:
         # A pool costs ~1 s to start; small batches are faster in-process. The thread limit is scoped
         # so that whatever runs next in this process (training) keeps all its threads.
         from threadpoolctl import threadpool_limits
 
         ctx = DecodeContext(init_args[0], init_args[1], IngestConfig.model_validate_json(init_args[2]))
         with threadpool_limits(1):
-            yield from (decode_one(j, ctx) for j in jobs)
+            for i in range(0, len(jobs), MAX_BATCH):
+                yield decode_many(jobs[i : i + MAX_BATCH], ctx)
         return
-    # spawn, not fork: the parent may hold threads (Prefect, torch) that fork would copy mid-lock.
-    ctx_mp = mp.get_context("spawn")
-    chunk = max(1, min(64, len(jobs) // (workers * 8)))
-    with ProcessPoolExecutor(
-        workers, mp_context=ctx_mp, initializer=_init_worker, initargs=init_args
-    ) as pool:
-        yield from pool.map(_process_in_worker, jobs, chunksize=chunk)
+    from medvae._pool import process_pool
+
+    # Batches big enough for CLAHE to vectorise, small enough that every core stays busy to the end and
+    # progress moves: about eight per worker, within MIN_BATCH..MAX_BATCH files.
+    size = max(MIN_BATCH, min(MAX_BATCH, math.ceil(len(jobs) / (workers * 8))))
+    batches = [jobs[i : i + size] for i in range(0, len(jobs), size)]
+    with process_pool(workers, _init_worker, init_args) as pool:
+        yield from pool.map(_decode_in_worker, batches)
 
 
 # ------------------------------------------------------------------- batches on a task runner
@@ -421,45 +681,6 @@ def _run_jobs(
 # files in a staging folder beside the store (local or object storage), never pixels or the store key:
 # task parameters and results end up in Prefect's database, and the key must not.
 PLAN_FILE = "plan.json"
-
-
-class KnownIds:
-    """Source ids already in a store, as a sorted array of their 128-bit prefixes (16 bytes each).
-
-    A frozenset of 64-character strings costs ~150 bytes per id: 1.5 GB in every worker for an archive of
-    ten million scans. 16 bytes per id is 160 MB. The prefix is the same 128 bits that make a row's
-    ``id``, so this is exactly as discriminating as the store itself.
-    """
-
-    def __init__(self, source_ids: Iterable[str] = (), *, array: np.ndarray | None = None) -> None:
-        if array is None:
-            array = np.array([bytes.fromhex(i[:32]) for i in source_ids], dtype="S16")
-        self._a = np.unique(array)  # sorted, for binary search
-
-    def __len__(self) -> int:
-        return int(self._a.size)
-
-    def __contains__(self, source_id: object) -> bool:
-        if not isinstance(source_id, str) or not self._a.size:
-            return False
-        k = np.array(bytes.fromhex(source_id[:32]), dtype="S16")
-        j = int(np.searchsorted(self._a, k))
-        return j < self._a.size and bool(self._a[j] == k)
-
-    def to_bytes(self) -> bytes:
-        """The ``.npy`` serialisation (no pickle)."""
-        import io
-
-        buf = io.BytesIO()
-        np.save(buf, self._a, allow_pickle=False)
-        return buf.getvalue()
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> KnownIds:
-        """Read what :meth:`to_bytes` wrote."""
-        import io
-
-        return cls(array=np.load(io.BytesIO(data), allow_pickle=False))
 
 
 def prepare_batches(
@@ -478,22 +699,34 @@ def prepare_batches(
         ``{"staging", "batches", "files"}``: where the plan is, how many batches and files it has.
     """
     plan = plan_ingest(sources, store, cfg)
-    # Workers elsewhere read the files by absolute path; the report keeps the paths as given.
-    entries = [[slot, path, os.path.abspath(path), label] for slot, (path, label) in plan.jobs]
+    # Workers elsewhere read the files by absolute path; the report keeps the paths as given. Stat-cache
+    # keys are keyed hashes, like the source ids the staged rows hold.
+    entries = [
+        [slot, path, os.path.abspath(path), label, _hex(plan.stats.get(slot))]
+        for slot, (path, label) in plan.jobs
+    ]
     batches = [entries[i : i + batch_files] for i in range(0, len(entries), batch_files)]
-    walk = [
-        {"slot": i, "path": r.path, "reason": r.reason} for i, r in enumerate(plan.results) if r is not None
+    planned = [
+        {"slot": i, "path": r.path, "status": r.status, "reason": r.reason, "stat": _hex(r.stat)}
+        for i, r in enumerate(plan.results)
+        if r is not None
     ]
     # A fresh name per plan: workers cache the known ids by name, and a staging folder may be reused.
     known = f"known-{os.urandom(8).hex()}.npy"
-    write_bytes(f"{staging}/{known}", KnownIds(plan.known).to_bytes())
+    write_bytes(f"{staging}/{known}", plan.known.to_bytes())
     for n, batch in enumerate(batches):
         write_bytes(f"{staging}/batch-{n:06d}.json", json.dumps({"known": known, "files": batch}).encode())
-    write_bytes(
-        f"{staging}/{PLAN_FILE}",
-        json.dumps({"files": len(plan.results), "batches": len(batches), "walk_rejected": walk}).encode(),
-    )
+    summary = {"files": len(plan.results), "batches": len(batches), "known": known, "planned": planned}
+    write_bytes(f"{staging}/{PLAN_FILE}", json.dumps(summary).encode())
     return {"staging": staging, "batches": len(batches), "files": len(plan.results)}
+
+
+def _hex(b: bytes | None) -> str | None:
+    return None if b is None else b.hex()
+
+
+def _unhex(h: str | None) -> bytes | None:
+    return None if h is None else bytes.fromhex(h)
 
 
 def decode_batch(staging: str, index: int, store: Store, cfg: IngestConfig) -> dict[str, Any]:
@@ -505,6 +738,8 @@ def decode_batch(staging: str, index: int, store: Store, cfg: IngestConfig) -> d
     Returns:
         ``{"batch", "files", "ingested", "rejected", "skipped"}`` for this batch.
     """
+    import pyarrow.parquet as pq
+    from pyarrow import BufferOutputStream
     from threadpoolctl import threadpool_limits
 
     from medvae.data.store import empty_rows, to_arrow
@@ -514,18 +749,25 @@ def decode_batch(staging: str, index: int, store: Store, cfg: IngestConfig) -> d
     ctx = DecodeContext(store.key(create=False), _known_ids(f"{staging}/{batch['known']}"), cfg)
     files: list[dict[str, Any]] = []
     buf = empty_rows()
-    with threadpool_limits(1):  # one batch per worker core; see _init_worker
-        for slot, shown, absolute, label in entries:
-            res = decode_one((absolute, label), ctx)
-            files.append(
-                {"slot": slot, "path": shown, "status": res.status, "reason": res.reason, "ids": res.ids}
-            )
-            for row in res.rows:
-                for k in buf:
-                    buf[k].append(row.get(k))
-    import pyarrow.parquet as pq
-    from pyarrow import BufferOutputStream
-
+    with threadpool_limits(1):  # one batch per worker core; see medvae._pool
+        for i in range(0, len(entries), MAX_BATCH):
+            part = entries[i : i + MAX_BATCH]
+            for entry, res in zip(part, decode_many([(e[2], e[3]) for e in part], ctx), strict=True):
+                slot, shown = entry[0], entry[1]
+                files.append(
+                    {
+                        "slot": slot,
+                        "path": shown,
+                        "status": res.status,
+                        "reason": res.reason,
+                        "ids": res.ids,
+                        "source": _hex(res.source),
+                        "stat": entry[4] if len(entry) > 4 else None,
+                    }
+                )
+                for row in res.rows:
+                    for k in buf:
+                        buf[k].append(row.get(k))
     out = BufferOutputStream()
     pq.write_table(to_arrow(buf), out)
     write_bytes(f"{staging}/rows-{index:06d}.parquet", out.getvalue().to_pybytes())
@@ -569,8 +811,8 @@ def commit_batches(
 
     plan = json.loads(read_bytes(f"{staging}/{PLAN_FILE}"))
     results: list[FileResult | None] = [None] * int(plan["files"])
-    for w in plan["walk_rejected"]:
-        results[w["slot"]] = FileResult(w["path"], REJECTED, w["reason"])
+    for w in plan["planned"]:
+        results[w["slot"]] = FileResult(w["path"], w["status"], w["reason"], stat=_unhex(w["stat"]))
     staged: list[pa.Table] = []
     for n in range(int(plan["batches"])):
         try:
@@ -581,13 +823,20 @@ def commit_batches(
                 f"batch {n} of {staging} has no decoded output ({exc}); re-run the ingest"
             ) from exc
         for f in files:
-            results[f["slot"]] = FileResult(f["path"], f["status"], f["reason"], ids=list(f["ids"]))
+            results[f["slot"]] = FileResult(
+                f["path"],
+                f["status"],
+                f["reason"],
+                list(f["ids"]),
+                source=_unhex(f["source"]),
+                stat=_unhex(f["stat"]),
+            )
     missing = [i for i, r in enumerate(results) if r is None]
     if missing:
         raise StoreError(f"{len(missing)} files of {staging} have no result; re-run the ingest")
-    report = commit_ingest(
-        [r for r in results if r is not None], store, cfg, operation=operation, extra_rows=staged
-    )
+    done = [r for r in results if r is not None]
+    report = commit_ingest(done, store, cfg, operation=operation, extra_rows=staged)
+    _remember(store, done, KnownIds.from_bytes(read_bytes(f"{staging}/{plan['known']}")))
     if cleanup:
         remove_tree(staging)
     return report

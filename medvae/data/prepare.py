@@ -13,6 +13,37 @@ import numpy as np
 from medvae.config import IngestConfig
 
 
+def normalised_image(img01: np.ndarray, cfg: IngestConfig) -> np.ndarray:
+    """A decoded, windowed ``[0, 1]`` image made square, resized and quantised (not yet standardised).
+
+    Args:
+        img01: a 2-D float image in ``[0, 1]`` from :mod:`medvae.data.readers`.
+        cfg: the ingest settings (size, aspect policy).
+
+    Returns:
+        A uint8 array of shape ``(cfg.size, cfg.size)``.
+    """
+    from medvae.data.transforms import normalise
+
+    return normalise(img01, cfg.size, cfg.aspect)
+
+
+def standardised(images: np.ndarray, cfg: IngestConfig) -> np.ndarray:
+    """The configured intensity standardisation of a uint8 ``(N, size, size)`` stack, in one vectorised
+    call (ingest standardises each decode batch at once).
+
+    Args:
+        images: normalised images from :func:`normalised_image`.
+        cfg: the ingest settings (intensity, CLAHE clip limit).
+
+    Returns:
+        A uint8 stack of the same shape.
+    """
+    from medvae.data.transforms import standardise_batch
+
+    return standardise_batch(images, cfg.intensity, cfg.clahe_clip_limit)
+
+
 def stored_image(img01: np.ndarray, cfg: IngestConfig) -> np.ndarray:
     """A decoded, windowed ``[0, 1]`` image in the form the store keeps: square, 64×64, standardised uint8.
 
@@ -23,9 +54,7 @@ def stored_image(img01: np.ndarray, cfg: IngestConfig) -> np.ndarray:
     Returns:
         A uint8 array of shape ``(cfg.size, cfg.size)``.
     """
-    from medvae.data.transforms import normalise, standardise_intensity
-
-    return standardise_intensity(normalise(img01, cfg.size, cfg.aspect), cfg.intensity, cfg.clahe_clip_limit)
+    return standardised(normalised_image(img01, cfg)[None], cfg)[0]
 
 
 def prepare_file(path: Path, cfg: IngestConfig, *, standardise: bool = True) -> np.ndarray:
@@ -43,9 +72,6 @@ def prepare_file(path: Path, cfg: IngestConfig, *, standardise: bool = True) -> 
         RejectedInput: when the file cannot or must not be decoded; the reason says why.
     """
     from medvae.data.readers import decode_file
-    from medvae.data.transforms import normalise
 
     img01 = decode_file(Path(path), cfg)[0].pixels
-    if standardise:
-        return stored_image(img01, cfg)
-    return normalise(img01, cfg.size, cfg.aspect)
+    return stored_image(img01, cfg) if standardise else normalised_image(img01, cfg)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import secrets
 import subprocess
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,43 @@ from deltalake.exceptions import CommitFailedError, TableNotFoundError
 
 from medvae import __version__
 from medvae.errors import StoreError
+
+try:
+    import fcntl
+except ImportError:  # not on Windows: failed writes there keep their orphan files
+    fcntl = None  # type: ignore[assignment]
+
+
+def _arrow_without_pandas() -> None:
+    """Let pyarrow build arrays without importing pandas.
+
+    The first ``pa.array`` of a process imports pandas (pyarrow checks whether its input is a pandas
+    object), which costs more CPU than everything else a small ingest does at start-up (2.3 s of CPU
+    time measured on the 2-core reference machine); medvae never hands pyarrow pandas objects. pyarrow
+    tries that import once: made to fail here, with pandas hidden only for that one call, it records "no
+    pandas" for its type checks. Anything that really asks pyarrow for pandas (``to_pandas()``) still
+    gets it, as pyarrow then imports pandas for real.
+    """
+    import sys
+    from importlib.abc import MetaPathFinder
+
+    if "pandas" in sys.modules:
+        return
+
+    class _HidePandas(MetaPathFinder):
+        def find_spec(self, name: str, path: Any = None, target: Any = None) -> None:
+            if name == "pandas" or name.startswith("pandas."):
+                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+    hide = _HidePandas()
+    sys.meta_path.insert(0, hide)
+    try:
+        pa.array([0])
+    finally:
+        sys.meta_path.remove(hide)
+
+
+_arrow_without_pandas()
 
 # The schema is planned for every stage: ingest fills the pixel, provenance and technical columns;
 # augment adds synthetic rows (origin, model_hash, seed); screen fills the nullable score columns.
@@ -74,6 +112,7 @@ KEY_FILE = "store.key"
 # On an object store the key is the one row of a small Delta table beside the dataset: a put there cannot
 # refuse to overwrite, but a Delta commit can (see Store._remote_key).
 KEY_TABLE = "key"
+WRITE_LOCK = "write.lock"  # held shared by every writer, exclusively by a failed write's cleanup
 # A merge reads the whole table, so delta-rs refuses to commit it over a concurrent append (another
 # ingest): the merge must be re-run on the new snapshot. Bounded, so a store under constant write
 # contention ends in a clear error instead of spinning.
@@ -94,13 +133,35 @@ def is_s3(uri: str) -> bool:
     return uri.lower().startswith(("s3://", "s3a://"))
 
 
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# Terminal escape sequences that delta-rs and object_store put in their messages (coloured "↳" chains):
+# CSI (``ESC [ ... final``), OSC (``ESC ] ... BEL`` or ``ESC ] ... ESC \\``) and two-byte escapes.
+_ESCAPES = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[@-Z\\-_]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_BACKTRACE = re.compile(r"^\s*(\d+: |at \S+:\d+(:\d+)?$|stack backtrace:)", re.IGNORECASE)
+# How a full disk (or an exceeded quota) shows in delta-rs messages, which carry no errno.
+_DISK_FULL = ("no space left on device", "os error 28", "disk quota exceeded", "os error 122")
 
 
-def _brief(exc: BaseException, limit: int = 400) -> str:
-    """A delta-rs/object_store error on one line: they come as coloured, indented multi-line chains."""
-    text = " ".join(_ANSI.sub("", str(exc)).replace("↳", " ").split())
+def brief(exc: BaseException | str, limit: int = 400) -> str:
+    """A delta-rs/object_store error on one plain line: no escape sequences, no control characters.
+
+    They come as coloured, indented multi-line chains; every delta-rs message medvae re-raises goes
+    through here, so a terminal never receives raw escapes.
+    """
+    lines = _ESCAPES.sub("", str(exc)).splitlines()
+    # With RUST_BACKTRACE set, delta-rs appends a backtrace: "  0: <unknown>", "     at file.rs:1:2".
+    kept = [ln for ln in lines if not _BACKTRACE.match(ln)]
+    text = " ".join(_CONTROL.sub(" ", " ".join(kept)).replace("↳", " ").split())
     return text[:limit] + ("…" if len(text) > limit else "")
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` is a full disk or an exceeded quota, however delta-rs or the OS reported it."""
+    import errno
+
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        return True
+    return any(marker in str(exc).lower() for marker in _DISK_FULL)
 
 
 def _s3_setting(storage_options: Mapping[str, str] | None, *names: str) -> tuple[str, str] | None:
@@ -203,6 +264,62 @@ def lineage(operation: str, config: dict[str, Any], **extra: Any) -> dict[str, A
     }
 
 
+def _location_problem(root: Path, writing: bool) -> str | None:
+    """What makes a local path unusable as a store, in words, or None.
+
+    A store is a folder with a ``_delta_log``. A folder that does not exist yet, is empty or holds only
+    medvae's ``_medvae`` (the key is written before the first version) is a store still to be created:
+    fine to write, "no store yet" to read. Each path is looked at once (one ``stat``), so a store that a
+    concurrent writer creates meanwhile is seen either as absent or as a store, never half-way.
+    """
+    kind = _kind(root)
+    if kind == "missing":
+        return None if writing else _no_store(str(root))
+    if kind == "under a file":
+        return f"cannot use {root} as a store: a folder on its path is a file"
+    if kind != "folder":
+        return f"{root} is {kind}, not a medvae store"
+    log = _kind(root / "_delta_log")
+    if log == "folder":
+        return None
+    if log != "missing":
+        return f"store {root}: its _delta_log is {log}, not a folder; this is not a medvae store"
+    try:
+        entries = os.listdir(root)
+    except OSError as exc:
+        return f"cannot list store folder {root}: {exc.strerror or exc}"
+    foreign = [e for e in entries if e not in (KEY_DIR, "_delta_log")]
+    # A medvae writer creating the store writes its key, then the data files, then the _delta_log.
+    creating = KEY_DIR in entries and all(e.endswith(".parquet") for e in foreign)
+    if foreign and not creating:
+        return (
+            f"{root} exists but is not a medvae store (no _delta_log): it holds {len(foreign)} other "
+            "entries; point --store at a medvae store, or at a new or empty folder to create one"
+        )
+    return None if writing else _no_store(str(root))
+
+
+def _kind(path: Path) -> str:
+    """``folder``, ``missing``, ``under a file`` or what else ``path`` is, from one ``stat``."""
+    import stat as st
+
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "missing"
+    except NotADirectoryError:
+        return "under a file"
+    except OSError as exc:
+        return f"unreadable ({exc.strerror or exc})"
+    if st.S_ISDIR(mode):
+        return "folder"
+    return "a file" if st.S_ISREG(mode) else "not a folder"
+
+
+def _no_store(uri: str) -> str:
+    return f"no medvae store at {uri}: run `medvae ingest SOURCE --store {uri}` first"
+
+
 @dataclass(frozen=True)
 class VersionInfo:
     """One version of the store, as listed by ``medvae versions``."""
@@ -246,6 +363,7 @@ class Store:
             if self._key is None:
                 self._key = self._remote_key(create)
             return self._key
+        self._check_location(writing=True)  # a store still to be created has its key before its table
         path = _local_path(self.uri) / KEY_DIR / KEY_FILE
         if path.exists():
             return bytes.fromhex(path.read_text().strip())
@@ -301,7 +419,7 @@ class Store:
         except Exception as exc:  # another writer created the key first: use theirs
             found = self._read_key_table()
             if found is None:
-                raise StoreError(f"cannot create the key of store {self.uri}: {_brief(exc)}") from exc
+                raise StoreError(f"cannot create the key of store {self.uri}: {brief(exc)}") from exc
             return found
         # Read back rather than trust the candidate: what is committed is what every writer will use.
         found = self._read_key_table()
@@ -347,38 +465,53 @@ class Store:
             if is_s3(self.uri)
             else ""
         )
-        return StoreError(f"cannot reach store {self.uri}: {_brief(exc)}.{hint}")
+        return StoreError(f"cannot reach store {self.uri}: {brief(exc)}.{hint}")
 
     # ---------------------------------------------------------------- read
+    def _check_location(self, writing: bool) -> None:
+        """Refuse a local path that is a file, or a folder that holds something other than a store.
+
+        Raises:
+            StoreError: naming the path and what is wrong with it (reading: also when there is no store).
+        """
+        if is_local(self.uri):
+            problem = _location_problem(_local_path(self.uri), writing)
+            if problem is not None:
+                raise StoreError(problem)
+
     def exists(self) -> bool:
         """Whether a Delta table exists at the URI.
 
         Raises:
-            StoreError: when an object store cannot be reached (no such bucket, bad credentials...).
+            StoreError: when the path is a file or a folder that is not a store, or an object store
+                cannot be reached (no such bucket, bad credentials...).
         """
+        if is_local(self.uri):
+            self._check_location(writing=True)  # a path where a store could be created, or one
         try:
             return bool(DeltaTable.is_deltatable(self.uri, storage_options=self.storage_options))
         except OSError as exc:
             if is_local(self.uri):
-                raise
+                raise StoreError(f"cannot read store {self.uri}: {brief(exc)}") from exc
             raise self._unreachable(exc) from exc
 
     def table(self, version: int | None = None) -> DeltaTable:
         """The Delta table, at ``version`` or the latest.
 
         Raises:
-            StoreError: when there is no table or no such version.
+            StoreError: when there is no table or no such version, or the path is not a store.
         """
+        self._check_location(writing=False)
         try:
             dt = DeltaTable(self.uri, storage_options=self.storage_options)
         except TableNotFoundError as exc:
-            raise StoreError(
-                f"no medvae store at {self.uri}: run `medvae ingest SOURCE --store {self.uri}` first"
-            ) from exc
+            raise StoreError(_no_store(self.uri)) from exc
         except OSError as exc:
             if is_local(self.uri):
-                raise
+                raise StoreError(f"cannot read store {self.uri}: {brief(exc)}") from exc
             raise self._unreachable(exc) from exc
+        except Exception as exc:  # delta-rs's DeltaError: a log it cannot read
+            raise StoreError(f"cannot open store {self.uri}: {brief(exc)}") from exc
         if version is not None:
             latest = dt.version()
             if not 0 <= version <= latest:
@@ -422,10 +555,13 @@ class Store:
 
     def ids(self, column: str = "source_id") -> set[str]:
         """The distinct non-null values of one id column in the latest version (empty for a new store)."""
+        return {v for v in self.column(column).to_pylist() if v is not None}
+
+    def column(self, name: str) -> pa.ChunkedArray:
+        """One column of the latest version as Arrow (empty for a new store), without Python objects."""
         if not self.exists():
-            return set()
-        col = self.table().to_pyarrow_table(columns=[column]).column(column)
-        return {v for v in col.to_pylist() if v is not None}
+            return pa.chunked_array([], type=SCHEMA.field(name).type)
+        return self.table().to_pyarrow_table(columns=[name]).column(name)
 
     def _commits(self, dt: DeltaTable | None = None) -> list[tuple[dict[str, Any], dict[str, Any]]]:
         """Every commit up to ``dt``'s version (the latest when None), oldest first, as (delta-rs commit
@@ -496,54 +632,45 @@ class Store:
             custom_metadata={"medvae": json.dumps(meta, default=str)}, max_commit_retries=retries
         )
 
-    def insert_new(self, rows: pa.Table, meta: dict[str, Any]) -> int | None:
+    def insert_new(self, rows: pa.Table, meta: Meta) -> Committed | None:
         """Commit ``rows`` whose ``id`` is not yet in the store, as exactly one new version.
 
         A merge on ``id`` (insert when not matched) makes de-duplication part of the atomic commit, so two
-        writers ingesting the same file cannot both add it.
+        writers ingesting the same file cannot both add it. The rows are filtered against the snapshot
+        that the merge commits on top of, so the result says what this call really added, not what the
+        caller hoped to add: a concurrent writer may have committed some or all of them first.
+
+        Args:
+            rows: rows in (or castable to) :data:`SCHEMA`.
+            meta: the lineage of the version, or a function of the ids this version really adds that
+                returns it (called again if a concurrent commit forces the merge to be re-run). A dict
+                with ``rows_added`` is corrected when fewer rows are new (``rows_already_present``).
 
         Returns:
-            The new version, or None when there was nothing to write.
+            The new version with the ids it added, or None when every row was already in the store.
+
+        Raises:
+            StoreError: when the store cannot be written (the message is one plain line; a full disk
+                says so, and files of the failed commit are removed).
         """
         if rows.num_rows == 0:
             return None
         check_safe_commits(self.uri, self.storage_options)
         rows = rows.cast(SCHEMA)
         if not self.exists():
-            self.key()  # the key must exist before the first version that depends on it
-            try:
-                write_deltalake(
-                    self.uri,
-                    rows,
-                    mode="error",
-                    name="medvae",
-                    description="medvae dataset of 64x64 medical images",
-                    storage_options=self.storage_options,
-                    # No commit retries: when another writer creates the table first, delta-rs would
-                    # otherwise retry this mode="error" write as a blind append on top of it (version 1,
-                    # duplicating every shared id). Failing instead falls through to the de-duplicating merge.
-                    commit_properties=self._commit(meta, retries=0),
-                )
-                return 0  # without retries, a successful create is version 0 (later ones may exist by now)
-            except Exception as exc:  # another writer created the table first: fall through to merge
-                if not self.exists():
-                    raise StoreError(f"cannot create store at {self.uri}: {exc}") from exc
+            created = self._create(rows, meta)
+            if created is not None:
+                return created
 
-        def attempt(dt: DeltaTable) -> bool:
-            # Keep only ids absent from the snapshot the merge runs against: the caller's view of the store
-            # may be stale (a concurrent ingest committed the same files meanwhile), and lineage must
-            # record the rows this version really adds, not those the caller hoped to add. Nothing new
-            # means no empty version. A conflicting commit re-runs this on the newer snapshot.
-            present = set(dt.to_pyarrow_table(columns=["id"]).column("id").to_pylist())
-            new = rows.filter(
-                pc.invert(pc.is_in(rows.column("id"), value_set=pa.array(list(present), pa.string())))
-            )
+        def attempt(dt: DeltaTable) -> frozenset[str] | None:
+            # Keep only ids absent from the snapshot the merge runs against; a conflicting commit re-runs
+            # this on the newer snapshot. Nothing new means no empty version.
+            present = pa.array(dt.to_pyarrow_table(columns=["id"]).column("id").to_pylist(), pa.string())
+            new = rows.filter(pc.invert(pc.is_in(rows.column("id"), value_set=present)))
             if new.num_rows == 0:
-                return False
-            m = dict(meta)
-            if "rows_added" in m and m["rows_added"] != new.num_rows:
-                m["rows_added"] = new.num_rows
-                m["rows_already_present"] = rows.num_rows - new.num_rows
+                return None
+            ids = frozenset(new.column("id").to_pylist())
+            m = _resolve_meta(meta, ids, rows.num_rows)
             (
                 dt.merge(
                     new,
@@ -555,20 +682,47 @@ class Store:
                 .when_not_matched_insert_all()
                 .execute()
             )
-            return True
+            return ids
 
         return self._merge_retrying(attempt)
+
+    def _create(self, rows: pa.Table, meta: Meta) -> Committed | None:
+        """Create the table with ``rows`` as version 0; None when another writer created it first."""
+        self.key()  # the key must exist before the first version that depends on it
+        ids = frozenset(rows.column("id").to_pylist())
+        try:
+            with self._write_guard():
+                write_deltalake(
+                    self.uri,
+                    rows,
+                    mode="error",
+                    name="medvae",
+                    description="medvae dataset of 64x64 medical images",
+                    storage_options=self.storage_options,
+                    # No commit retries: when another writer creates the table first, delta-rs would
+                    # otherwise retry this mode="error" write as a blind append on top of it (version 1,
+                    # duplicating every shared id). Failing instead falls through to the de-duplicating merge.
+                    commit_properties=self._commit(_resolve_meta(meta, ids, rows.num_rows), retries=0),
+                )
+        except Exception as exc:
+            if self.exists():
+                return None  # another writer created the table first: the caller merges instead
+            raise self._write_error("cannot create store", exc) from exc
+        return Committed(0, ids)  # without retries, a successful create is version 0
 
     def upsert(self, rows: pa.Table, meta: dict[str, Any], update_columns: Iterable[str]) -> int:
         """One atomic version that updates ``update_columns`` of matching ids and inserts the rest.
 
         The pipeline uses it to write synthetic rows and the real rows' anomaly scores together.
+
+        Returns:
+            The new version.
         """
         check_safe_commits(self.uri, self.storage_options)
         rows = rows.cast(SCHEMA)
         updates = {c: f"s.{c}" for c in update_columns}
 
-        def attempt(dt: DeltaTable) -> bool:
+        def attempt(dt: DeltaTable) -> frozenset[str]:
             (
                 dt.merge(
                     rows,
@@ -581,37 +735,152 @@ class Store:
                 .when_not_matched_insert_all()
                 .execute()
             )
-            return True
+            return frozenset(rows.column("id").to_pylist())
 
-        version = self._merge_retrying(attempt)
-        assert version is not None  # attempt() always writes
-        return version
+        committed = self._merge_retrying(attempt)
+        assert committed is not None  # attempt() always writes
+        return int(committed)
 
-    def _merge_retrying(self, attempt: Callable[[DeltaTable], bool]) -> int | None:
+    def _merge_retrying(self, attempt: Callable[[DeltaTable], frozenset[str] | None]) -> Committed | None:
         """Run ``attempt`` on a fresh snapshot until its merge commits; a concurrent writer's commit
         (``CommitFailedError``) means re-reading the table and merging again, at most MERGE_ATTEMPTS times.
 
         Returns:
-            The committed version, or None when ``attempt`` found nothing to write.
+            The committed version with the ids ``attempt`` wrote, or None when it found nothing to write.
         """
         for i in range(MERGE_ATTEMPTS):
             dt = self.table()
             try:
-                if not attempt(dt):
-                    return None
+                with self._write_guard():
+                    ids = attempt(dt)
             except CommitFailedError as exc:
                 if i + 1 == MERGE_ATTEMPTS:
                     raise self._contention_error(exc) from exc
                 continue
-            return dt.version()
+            except Exception as exc:
+                raise self._write_error("cannot write to store", exc) from exc
+            return None if ids is None else Committed(dt.version(), ids)
         raise AssertionError("unreachable")
+
+    def _write_error(self, what: str, exc: Exception) -> StoreError:
+        """A failed write as one plain line that says the store is unchanged."""
+        if isinstance(exc, StoreError):
+            return exc
+        if is_disk_full(exc):
+            return StoreError(
+                f"the disk is full (no space left on device) while writing store {self.uri}: nothing was "
+                "committed and the store is as it was; free some disk space or move the store, then run "
+                f"the command again ({brief(exc, 200)})"
+            )
+        return StoreError(f"{what} {self.uri}: {brief(exc)}")
+
+    @contextlib.contextmanager
+    def _write_guard(self) -> Iterator[None]:
+        """Around one delta-rs write: if it fails, delete the data files it wrote that no version uses.
+
+        delta-rs writes the parquet files first and the ``_delta_log`` entry last, so a write that fails
+        in between (a full disk) leaves the store at its prior version, right, but with an orphan data
+        file. "Written by this call" is the data files that appeared during the call; to be sure no
+        other writer's uncommitted files are among them, every medvae writer holds a shared lock on
+        ``_medvae/write.lock`` while it writes, and the cleanup runs only if it can take that lock
+        exclusively (otherwise the orphans stay; they are harmless and ``vacuum`` removes them). Files
+        referenced by any version committed meanwhile are never touched. Local stores only: on object
+        storage a failed PUT leaves no object.
+        """
+        if not is_local(self.uri) or fcntl is None:
+            yield
+            return
+        root = _local_path(self.uri)
+        (root / KEY_DIR).mkdir(parents=True, exist_ok=True)
+        fd = os.open(root / KEY_DIR / WRITE_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            before, log_before = _data_files(root), _log_entries(root)
+            try:
+                yield
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises while another writer writes
+                    referenced = _referenced_since(root, log_before)
+                    for rel in _data_files(root) - before - referenced:
+                        (root / rel).unlink(missing_ok=True)
+                raise
+        finally:
+            os.close(fd)
 
     def _contention_error(self, exc: Exception) -> StoreError:
         return StoreError(
             f"store {self.uri} kept changing under this write ({MERGE_ATTEMPTS} attempts, each beaten by "
             f"another writer's commit); nothing was written. Re-run the command: rows that the other "
-            f"writers added are skipped, not duplicated. ({exc})"
+            f"writers added are skipped, not duplicated. ({brief(exc, 200)})"
         )
+
+
+class Committed(int):
+    """What one write committed: the version number (it *is* that int), and the ids it really added.
+
+    An ``int`` so that callers that only want the version use it as one (``== 3``, JSON, ``%d``).
+    """
+
+    ids: frozenset[str]
+
+    def __new__(cls, version: int, ids: Iterable[str] = ()) -> Committed:
+        obj = super().__new__(cls, version)
+        obj.ids = frozenset(ids)
+        return obj
+
+    def __getnewargs__(self) -> tuple[int, frozenset[str]]:  # type: ignore[override]
+        return int(self), self.ids
+
+    @property
+    def version(self) -> int:
+        return int(self)
+
+    def __repr__(self) -> str:
+        return f"Committed(version={int(self)}, ids={len(self.ids)})"
+
+
+Meta = dict[str, Any] | Callable[[frozenset[str]], dict[str, Any]]
+
+
+def _resolve_meta(meta: Meta, ids: frozenset[str], offered: int) -> dict[str, Any]:
+    """The lineage of a version that adds ``ids`` out of ``offered`` rows (see :meth:`Store.insert_new`)."""
+    if callable(meta):
+        return meta(ids)
+    m = dict(meta)
+    if "rows_added" in m and m["rows_added"] != len(ids):
+        m["rows_added"] = len(ids)
+        m["rows_already_present"] = offered - len(ids)
+    return m
+
+
+def _data_files(root: Path) -> set[str]:
+    """Every parquet data file of a local table, relative to it (medvae's and delta's folders excluded)."""
+    out: set[str] = set()
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if not d.startswith(("_", "."))]
+        rel = os.path.relpath(folder, root)
+        out.update(os.path.normpath(os.path.join(rel, f)) for f in files if f.endswith(".parquet"))
+    return out
+
+
+def _log_entries(root: Path) -> set[str]:
+    log = root / "_delta_log"
+    return {f for f in os.listdir(log) if f.endswith(".json")} if log.is_dir() else set()
+
+
+def _referenced_since(root: Path, log_before: set[str]) -> set[str]:
+    """The data files added by the log entries that are not in ``log_before`` (committed meanwhile)."""
+    from urllib.parse import unquote
+
+    out: set[str] = set()
+    for entry in sorted(_log_entries(root) - log_before):
+        with open(root / "_delta_log" / entry, encoding="utf-8") as fh:
+            for line in fh:
+                action = json.loads(line) if line.strip() else {}
+                if "add" in action:
+                    out.add(os.path.normpath(unquote(action["add"]["path"])))
+    return out
 
 
 def empty_rows() -> dict[str, list[Any]]:

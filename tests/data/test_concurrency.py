@@ -7,12 +7,14 @@ decode and commit at about the same time; the race covers a store that exists an
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pytest
 from deltalake import DeltaTable
 
 from tests.crashkit import (
+    _run_together,
     audit_store,
     concurrent_ingests,
     concurrent_inserts,
@@ -114,3 +116,111 @@ def test_endless_contention_ends_in_a_clear_error(tmp_path: Path, monkeypatch: p
         store.insert_new(_rows(["c"]), lineage("ingest", {}, rows_added=1))
     monkeypatch.undo()
     assert sorted(store_ids(tmp_path / "store")) == ["a", "b"] and audit_store(tmp_path / "store") == []
+
+
+# ------------------------------------------------------------------------------- what each call committed
+def _ingest_reporting(sources: list[str], store: str, barrier: Any, result: Any) -> None:
+    """A writer for :func:`_run_together` that returns its whole report (per file), not just the counts."""
+    from medvae.config import IngestConfig
+    from medvae.data.ingest import ingest
+    from medvae.data.store import Store
+
+    cfg = IngestConfig(workers=1)
+    barrier.wait(timeout=120)
+    try:
+        rep = ingest([Path(p) for p in sources], Store(store), cfg)
+        result.put(("ok", rep.to_json()))
+    except Exception as exc:
+        result.put(("error", type(exc).__name__, str(exc)))
+
+
+def _assert_reports_tell_the_truth(store: Path, reports: list[dict[str, Any]], pre_rows: int) -> None:
+    """Each report's version, rows_added and per-file statuses are what that call really committed."""
+    from medvae.data.ingest import ALREADY_STORED, COMMITTED_CONCURRENTLY
+    from medvae.data.store import Store
+
+    hist = {h.version: h for h in Store(store).history()}
+    claimed: list[str] = []
+    for rep in reports:
+        mine = [i for f in rep["files"] if f["status"] == "ingested" for i in f["ids"]]
+        assert rep["rows_added"] == len(mine)
+        claimed += mine
+        if rep["version"] is None:
+            assert mine == [], rep
+            continue
+        h = hist[rep["version"]]
+        before = Store(store).read(h.version - 1, ["id"]).column("id").to_pylist() if h.version else []
+        added = set(Store(store).read(h.version, ["id"]).column("id").to_pylist()) - set(before)
+        assert added == set(mine), f"v{h.version} added {len(added)}, the report claims {len(mine)}"
+        assert h.lineage["rows_added"] == len(mine) and h.lineage["counts"] == rep["counts"]
+        for f in rep["files"]:
+            if f["status"] == "skipped":
+                assert f["reason"] in (ALREADY_STORED, COMMITTED_CONCURRENTLY) or "this batch" in f["reason"]
+    assert len(claimed) == len(set(claimed)), "two calls both claim the same rows"
+    assert len(claimed) + pre_rows == len(store_ids(store))
+
+
+@pytest.mark.parametrize("overlap", [True, False], ids=["overlapping", "disjoint"])
+def test_concurrent_reports_say_what_each_call_committed(
+    pngs: list[Path], tmp_path: Path, overlap: bool
+) -> None:
+    store = tmp_path / "store"
+    a, b = (pngs[0:25], pngs[15:39]) if overlap else (pngs[0:19], pngs[19:39])
+    results = _run_together(_ingest_reporting, [([str(p) for p in fs], str(store)) for fs in (a, b)], 240)
+    reports = [r[1] for r in results if r[0] == "ok"]
+    assert reports, results
+    _assert_reports_tell_the_truth(store, reports, 0)
+
+
+def _decoded(files: list[Path], store: Any, cfg: Any) -> list[Any]:
+    """Plan and decode ``files`` for ``store`` without committing: a writer caught before its commit."""
+    from medvae.data.ingest import DecodeContext, decode_many, plan_ingest
+
+    plan = plan_ingest(files, store, cfg)
+    decoded = decode_many([j for _, j in plan.jobs], DecodeContext(plan.key, plan.known, cfg))
+    for (slot, _), res in zip(plan.jobs, decoded, strict=True):
+        plan.results[slot] = res
+    return [r for r in plan.results if r is not None]
+
+
+def test_a_writer_overtaken_on_some_files_reports_only_its_own_rows(pngs: list[Path], tmp_path: Path) -> None:
+    """The race made deterministic: writer A has decoded files 0..24 when writer B commits 15..38; A's
+    commit adds 15 rows, and its report and lineage say so (not 25), with 15..24 skipped as committed by a
+    concurrent ingest."""
+    from medvae.config import IngestConfig
+    from medvae.data.ingest import COMMITTED_CONCURRENTLY, commit_ingest, ingest
+    from medvae.data.store import Store
+
+    cfg = IngestConfig(workers=1)
+    store = Store(tmp_path / "store")
+    ingest(pngs[39:], store, cfg)  # v0
+    pending = _decoded(pngs[0:25], store, cfg)
+    other = ingest(pngs[15:39], store, cfg)  # v1, committed while A was decoding
+    assert other.version == 1 and other.rows_added == 24
+    mine = commit_ingest(pending, store, cfg)
+    assert mine.version == 2 and mine.rows_added == 15
+    by_name = {Path(f.path).name: f for f in mine.files}
+    assert all(by_name[p.name].status == "ingested" for p in pngs[0:15])
+    assert all(by_name[p.name].reason == COMMITTED_CONCURRENTLY for p in pngs[15:25])
+    assert mine.counts == {"seen": 25, "ingested": 15, "rejected": 0, "skipped": 10}
+    lin = store.history()[2].lineage
+    assert lin["rows_added"] == 15 and lin["counts"] == mine.counts
+    _assert_reports_tell_the_truth(tmp_path / "store", [other.to_json(), mine.to_json()], 1)
+
+
+def test_a_writer_overtaken_on_every_file_commits_nothing_and_says_so(
+    pngs: list[Path], tmp_path: Path
+) -> None:
+    from medvae.config import IngestConfig
+    from medvae.data.ingest import COMMITTED_CONCURRENTLY, commit_ingest, ingest
+    from medvae.data.store import Store
+
+    cfg = IngestConfig(workers=1)
+    store = Store(tmp_path / "store")
+    ingest(pngs[39:], store, cfg)
+    pending = _decoded(pngs[0:10], store, cfg)
+    ingest(pngs[0:10], store, cfg)
+    mine = commit_ingest(pending, store, cfg)
+    assert mine.version is None and mine.rows_added == 0
+    assert {f.reason for f in mine.files} == {COMMITTED_CONCURRENTLY}
+    assert mine.to_json()["files"][0]["ids"] == [] and store.version() == 1

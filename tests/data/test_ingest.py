@@ -82,7 +82,7 @@ def test_reingest_adds_nothing_and_batch_duplicates_are_skipped(tree: Path, tmp_
 
 def test_parallel_ingest_matches_serial(tmp_path: Path) -> None:
     root = tmp_path / "many"
-    for i in range(40):
+    for i in range(80):  # enough for the process pool (POOL_MIN_FILES) and several decode batches
         _png(root / ("a" if i % 2 else "b") / f"{i:03d}.png", i)
     s1, s2 = Store(tmp_path / "s1"), Store(tmp_path / "s2")
     # The same key makes ids comparable across the two stores.
@@ -97,7 +97,50 @@ def test_parallel_ingest_matches_serial(tmp_path: Path) -> None:
         t = s.read(columns=["id", "pixels", "label"]).to_pydict()
         return sorted(zip(t["id"], t["pixels"], t["label"], strict=True))
 
-    assert rows(s1) == rows(s2) and len(rows(s1)) == 40
+    assert rows(s1) == rows(s2) and len(rows(s1)) == 80
+
+
+def test_batched_standardisation_stores_what_one_file_alone_gives(tmp_path: Path) -> None:
+    """Ingest standardises each decode batch in one call; every stored image must still be exactly what
+    preparing its file alone gives (what screening a scan straight from the scanner sees)."""
+    from medvae.data.prepare import prepare_file
+
+    root = tmp_path / "src"
+    paths = [_png(root / "normal" / f"{i:02d}.png", i, size=(40 + 7 * i, 50)) for i in range(20)]
+    paths.append(_png(root / "normal" / "rgb.png", 50, "RGB"))
+    cfg = IngestConfig(workers=1)
+    store = Store(tmp_path / "store")
+    ingest([root], store, cfg)
+    t = store.read(columns=["id", "pixels"]).to_pydict()
+    by_id = dict(zip(t["id"], t["pixels"], strict=True))
+    from medvae.data.deid import keyed_hash
+
+    key = store.key(create=False)
+    for p in paths:
+        stored = np.frombuffer(by_id[keyed_hash(key, "source", p.read_bytes())[:32]], np.uint8)
+        np.testing.assert_array_equal(stored.reshape(64, 64), prepare_file(p, cfg), err_msg=p.name)
+
+
+def test_cli_ingest_imports_neither_torch_nor_prefect(tree: Path, tmp_path: Path) -> None:
+    """`medvae ingest` does no work it does not need: no torch, no Prefect, no pandas, no scikit-image."""
+    import subprocess
+    import sys
+
+    code = (
+        "import json, runpy, sys\n"
+        f"sys.argv = ['medvae', 'ingest', {str(tree)!r}, '--store', {str(tmp_path / 'store')!r}]\n"
+        "try:\n"
+        "    runpy.run_module('medvae', run_name='__main__')\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "heavy = {'torch', 'prefect', 'pandas', 'skimage', 'scipy', 'monai', 'torchvision'}\n"
+        "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules} & heavy)))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True
+    )
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+    assert Store(tmp_path / "store").version() == 0  # the ingest did run
 
 
 def test_labels_from_csv_and_none(tmp_path: Path) -> None:

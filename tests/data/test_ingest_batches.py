@@ -115,3 +115,20 @@ def test_known_ids_membership_and_round_trip() -> None:
     back = KnownIds.from_bytes(KnownIds([odd, *ids[:3]]).to_bytes())
     assert odd in back and ids[0] in back and ids[300] not in back and "cd" + "00" * 31 not in back
     assert "not-hex" not in KnownIds() and 3 not in known
+
+
+def test_known_ids_from_an_arrow_column_equal_those_from_strings() -> None:
+    """The vectorised hex decoding of a store's source_id column: nulls, several chunks, a sliced chunk,
+    upper-case hex, trailing zero bytes, and ids of another length (the general path)."""
+    import pyarrow as pa
+
+    rng = np.random.default_rng(1)
+    ids = [bytes(rng.integers(0, 256, 32, dtype=np.uint8)).hex() for _ in range(300)]
+    ids += ["ab" + "00" * 31, ids[5].upper()]
+    col = pa.chunked_array([pa.array([*ids[:100], None]), pa.array(["x", *ids[100:]]).slice(1)])
+    np.testing.assert_array_equal(KnownIds.from_arrow(col).prefixes(), KnownIds(ids).prefixes())
+    assert len(KnownIds.from_arrow(pa.chunked_array([], pa.string()))) == 0
+    short = pa.chunked_array([pa.array(["ab" * 16, None])])  # 32 hex digits, not 64
+    assert "ab" * 16 + "00" * 16 in KnownIds.from_arrow(short)
+    with pytest.raises(ValueError):
+        KnownIds.from_arrow(pa.chunked_array([pa.array(["zz" * 32])]))

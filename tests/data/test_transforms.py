@@ -187,8 +187,18 @@ def test_quantize_rounds_to_nearest_not_floor() -> None:
 
 
 def test_quantize_clips_and_maps_nan_to_zero() -> None:
-    img = np.array([-0.5, 1.5, np.nan], dtype=np.float32)
-    np.testing.assert_array_equal(quantize(img), [0, 255, 0])
+    img = np.array([-0.5, 1.5, np.nan, np.inf, -np.inf, 3e38], dtype=np.float32)
+    np.testing.assert_array_equal(quantize(img), [0, 255, 0, 255, 0, 255])
+    assert quantize(np.float64(0.5)).shape == () and int(quantize(np.float64(0.5))) == 128
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+def test_quantize_is_the_float32_round_of_the_clipped_image(dtype: type) -> None:
+    """Every stored pixel goes through quantize: it must be exactly round(clip(float32(x), 0, 1) * 255)."""
+    rng = np.random.default_rng(3)
+    img = np.concatenate([rng.random(5000) * 1.4 - 0.2, (np.arange(256) + 0.5) / 255]).astype(dtype)
+    reference = np.rint(np.clip(img.astype(np.float32), 0.0, 1.0) * np.float32(255.0)).astype(np.uint8)
+    np.testing.assert_array_equal(quantize(img), reference)
 
 
 # ------------------------------------------------------------------------------------ normalise, luminance
