@@ -268,7 +268,7 @@ def train(
 
     def body() -> None:
         from medvae.config import TrainConfig
-        from medvae.engine import dist as distributed
+        from medvae.engine import strategy as distributed
         from medvae.jobs import train_job
 
         overrides = list(set_ or [])

@@ -1153,7 +1153,7 @@ def evaluate(
         ValueError: when the normal label is missing, there is no abnormal image, or a split is empty.
         FileNotFoundError: when the source is neither a store nor a folder.
     """
-    from medvae.engine.trainer import select_device
+    from medvae.engine.device import select_device
 
     t_start = time.perf_counter()
     out_dir = Path(out_dir)

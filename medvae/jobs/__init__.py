@@ -93,7 +93,7 @@ def train_job(
         ``{"model_dir", "model_hash", "dataset_version", "best_epoch", "val_loss", "threshold", "device"}``.
     """
     from medvae.anomaly.scoring import calibrate
-    from medvae.engine import dist as distributed
+    from medvae.engine import strategy as distributed
     from medvae.engine.trainer import train_vae
     from medvae.vae.artifacts import save_model_dir, write_json, write_tensors
 
