@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
-
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from typing import TYPE_CHECKING, Any
 
 from medvae.engine.checkpoint import make_checkpoint, save_checkpoint
 from medvae.engine.loop import Callback, Run, clone_state
+
+if TYPE_CHECKING:
+    from rich.progress import Progress, TaskID
 
 
 class ModelSelection(Callback):
@@ -96,6 +97,9 @@ class ProgressBar(Callback):
         """Open the bar at the epochs already done (a resume)."""
         if not (self.enabled and run.strategy.is_main):
             return
+        # Imported here: the engine itself needs torch, pydantic and PyYAML only (benchmarks/gpu_train.py).
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
         columns = (
             TextColumn("[bold]train[/bold]"),
             BarColumn(),
