@@ -13,7 +13,7 @@ import torch
 from medvae.config import TrainConfig
 from medvae.engine.callbacks import Checkpointer, ModelSelection, ProgressBar
 from medvae.engine.checkpoint import CHECKPOINT_NAME, check_resumable, load_checkpoint
-from medvae.engine.data import ArrayLike, prepare_data, seed_everything, to_device
+from medvae.engine.data import ArrayLike, TrainData, prepare_data, seed_everything, to_device
 from medvae.engine.device import configure_backends
 from medvae.engine.loop import Callback, Engine, Run, TrainState, build_engine, clone_state, fit
 from medvae.engine.strategy import Strategy, per_rank_batch, strategy_for
@@ -61,6 +61,21 @@ def _best_model(cfg: TrainConfig, engine: Engine, state: TrainState) -> ConvVAE:
         model = model.to(memory_format=torch.channels_last)
     model.load_state_dict(state.best_state)
     return model.eval()
+
+
+def _builtin_callbacks(
+    run: Run, host: TrainData, checkpoint_dir: Path | None, resume: bool, progress: bool
+) -> list[Callback]:
+    # Selection first: the checkpoint records its state. A resume loads into ``run`` before fitting.
+    cfg = run.cfg
+    builtin: list[Callback] = [ModelSelection(cfg.patience, cfg.loss.kl_warmup_epochs, cfg.epochs)]
+    if checkpoint_dir is not None:
+        path = checkpoint_dir / CHECKPOINT_NAME
+        if resume:
+            _resume(path, run, host.n_train, host.n_val)
+        builtin.append(Checkpointer(path, host.n_train, host.n_val))
+    builtin.append(ProgressBar(progress))
+    return builtin
 
 
 def train_vae(
@@ -130,14 +145,7 @@ def train_vae(
     seed_everything(cfg.seed)
     engine = build_engine(cfg, strategy)
     run = Run(cfg, engine, strategy, TrainState(best_state=clone_state(engine.model)))
-    selection = ModelSelection(cfg.patience, cfg.loss.kl_warmup_epochs, cfg.epochs)
-    builtin: list[Callback] = [selection]
-    if checkpoint_dir is not None:
-        path = checkpoint_dir / CHECKPOINT_NAME
-        if resume:
-            _resume(path, run, host.n_train, host.n_val)
-        builtin.append(Checkpointer(path, host.n_train, host.n_val))
-    builtin.append(ProgressBar(progress))
+    builtin = _builtin_callbacks(run, host, checkpoint_dir, resume, progress)
     fit(run, data, [*builtin, *callbacks])
     return TrainResult(
         model=_best_model(cfg, engine, run.state),
