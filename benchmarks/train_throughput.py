@@ -123,20 +123,23 @@ def _sync(device: str) -> None:
 
 
 def measure(
-    runs: dict[str, EpochFn], seconds: float, slice_s: float, device: str
+    runs: dict[str, EpochFn], seconds: float, slice_s: float, device: str, warmup_s: float | None = None
 ) -> dict[str, tuple[int, float, list[float]]]:
-    """Warm each loop up for one epoch, then alternate time slices until each has ``seconds`` of training.
+    """Warm each loop up, then alternate time slices until each has ``seconds`` of training.
 
-    Alternating slices exposes every loop to the same background load on a shared machine. Each slice
-    starts a fresh (shuffled) epoch that stops after the first step past its time limit, which is what
-    the reference does on its own.
+    The warm-up is ``warmup_s`` seconds of training (at least one step, so that ``torch.compile``
+    compiles and oneDNN/cuDNN build their kernels before the clock runs), or a whole epoch when None:
+    on a busy 2-core machine an epoch of 4096 images took minutes and measured nothing. Alternating
+    slices exposes every loop to the same background load on a shared machine. Each slice starts a
+    fresh (shuffled) epoch that stops after the first step past its time limit, which is what the
+    reference does on its own.
 
     Returns:
         name → (images, seconds, per-slice img/s).
     """
     for name, fn in runs.items():
         t = time.perf_counter()
-        fn(None)
+        fn(warmup_s)
         _sync(device)
         print(f"warm-up epoch {name}: {time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)
     totals: dict[str, tuple[int, float, list[float]]] = {name: (0, 0.0, []) for name in runs}
@@ -167,7 +170,12 @@ def main(argv: list[str] | None = None) -> None:
         help="medvae latent size (default: TrainConfig's, the shipped 128; 32 is the reference's own)",
     )
     ap.add_argument("--ref-batch", type=int, default=128, help="reference batch size (its own default)")
-    ap.add_argument("--compile", action="store_true", help="torch.compile the model (TrainConfig.compile)")
+    ap.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="torch.compile the model on/off (default: TrainConfig.compile, the shipped setting)",
+    )
     ap.add_argument(
         "--reference",
         action=argparse.BooleanOptionalAction,
@@ -175,6 +183,12 @@ def main(argv: list[str] | None = None) -> None:
         help="also time the tutorial reference loop, interleaved, and report the ratio (default: on)",
     )
     ap.add_argument("--slice", type=float, default=2.0, help="seconds per alternating slice with --reference")
+    ap.add_argument(
+        "--warmup",
+        type=float,
+        default=5.0,
+        help="untimed seconds of training per loop before timing (at least one step); <= 0: one epoch",
+    )
     ap.add_argument(
         "--layout",
         choices=["auto", "contiguous", "channels_last"],
@@ -190,7 +204,9 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
 
     # The shipped defaults (TrainConfig()) unless an option overrides them.
-    overrides: dict[str, object] = {"device": a.device, "compile": a.compile}
+    overrides: dict[str, object] = {"device": a.device}
+    if a.compile is not None:
+        overrides["compile"] = a.compile
     if a.latent is not None:
         overrides["model"] = {"latent_dim": a.latent}
     if a.batch is not None:
@@ -214,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"medvae settings: {desc}; reference batch={a.ref_batch}", file=sys.stderr, flush=True)
 
     slice_s = a.slice if ref is not None else a.seconds
-    totals = measure(runs, a.seconds, slice_s, device)
+    totals = measure(runs, a.seconds, slice_s, device, a.warmup if a.warmup > 0 else None)
     rate = {name: n / s for name, (n, s, _) in totals.items()}
     print(f"medvae img/s: {rate['medvae']:.1f}")
     if ref is not None:
