@@ -11,8 +11,8 @@ so 1 process uses every core through intra-op threads and N processes one core's
 
 Examples::
 
-    # CPU (gloo): 1 vs 2 processes, plain and synchronised BatchNorm
-    python benchmarks/ddp_step_time.py --nproc 2 --sync-batchnorm off,on
+    # CPU (gloo): 1 vs 2 processes (per-process BatchNorm; synchronised BatchNorm needs CUDA)
+    python benchmarks/ddp_step_time.py --nproc 2
     # one node of GPUs (NCCL)
     python benchmarks/ddp_step_time.py --device cuda --nproc 8 --batch 512
 """
@@ -37,14 +37,10 @@ def worker(args: argparse.Namespace) -> None:
     import torch
 
     from medvae.config import ModelConfig, TrainConfig
-    from medvae.engine import dist as distributed
-    from medvae.engine.trainer import (
-        build_training,
-        seed_everything,
-        select_device,
-        train_step,
-        uint8_to_float,
-    )
+    from medvae.engine import strategy as distributed
+    from medvae.engine.data import seed_everything, uint8_to_float
+    from medvae.engine.device import configure_backends
+    from medvae.engine.loop import build_engine, train_step
 
     channels = tuple(int(c) for c in args.channels.split(","))
     cfg = TrainConfig(
@@ -53,17 +49,12 @@ def worker(args: argparse.Namespace) -> None:
         device=args.device,
         sync_batchnorm=args.sync_batchnorm,
     )
-    with distributed.session(cfg.device) as ctx:
-        device = select_device(cfg.device)
-        world, rank = 1, 0
-        if ctx is not None:
-            device = distributed.training_device(ctx, device.type)
-            world, rank = ctx.world_size, ctx.rank
-        b = distributed.per_rank_batch(cfg.batch_size, world) if world > 1 else cfg.batch_size
-        if device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
+    with distributed.session(cfg.device) as strategy:
+        device, world, rank = strategy.device, strategy.world_size, strategy.rank
+        b = distributed.per_rank_batch(cfg.batch_size, world)
+        configure_backends(device)
         seed_everything(0)
-        setup = build_training(cfg, device, ddp=ctx)
+        engine = build_engine(cfg, strategy)
         g = torch.Generator().manual_seed(rank)
         pool = torch.randint(0, 256, (4 * b, 1, args.image_size, args.image_size), generator=g)
         pool = pool.to(torch.uint8).to(device)
@@ -71,8 +62,7 @@ def worker(args: argparse.Namespace) -> None:
         def sync() -> None:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            if ctx is not None:
-                torch.distributed.barrier()
+            strategy.barrier()
 
         step_ms: list[float] = []
         start = time.perf_counter()
@@ -81,8 +71,8 @@ def worker(args: argparse.Namespace) -> None:
                 sync()
                 start = time.perf_counter()
             t0 = time.perf_counter()
-            x = uint8_to_float(pool[(i % 4) * b : (i % 4 + 1) * b], setup.channels_last)
-            train_step(setup, x, None, 1.0)
+            x = uint8_to_float(pool[(i % 4) * b : (i % 4 + 1) * b], engine.channels_last)
+            train_step(engine, x, None, 1.0)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             step_ms.append((time.perf_counter() - t0) * 1e3)
@@ -149,7 +139,9 @@ def main() -> None:
     p.add_argument("--latent", type=int, default=128)
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument(
-        "--sync-batchnorm", default="auto", help="auto | on | off, or a comma list to compare (N > 1 only)"
+        "--sync-batchnorm",
+        default="auto",
+        help="auto | on | off, or a comma list to compare (N > 1 only; on needs CUDA)",
     )
     p.add_argument("--threads", type=int, default=0, help="CPU threads per process (default cores // K)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

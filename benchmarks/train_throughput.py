@@ -17,7 +17,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from medvae.config import TrainConfig
-from medvae.engine.trainer import build_training, run_epoch, seed_everything, select_device
+from medvae.engine.data import seed_everything
+from medvae.engine.device import configure_backends, select_device
+from medvae.engine.loop import build_engine, run_epoch
+from medvae.engine.strategy import Local
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = REPO.parent / "shared" / "bench" / "seed_reference_train.py"
@@ -78,33 +81,38 @@ def reference_epoch_fn(ref: ModuleType, data: torch.Tensor, device: str, batch: 
 def medvae_epoch_fn(
     data_u8: torch.Tensor, cfg: TrainConfig, *, layout: str = "auto", amp: str = "auto"
 ) -> tuple[EpochFn, str]:
-    """medvae's production epoch (``training.run_epoch``), set up exactly as ``train_vae`` does it.
+    """medvae's production epoch (``engine.loop.run_epoch``), set up exactly as ``train_vae`` does it.
 
     Returns:
         The epoch function and a one-line description of the execution settings.
     """
-    device = select_device(cfg.device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # as train_vae does
+    local = Local(select_device(cfg.device))
+    configure_backends(local.device)  # as train_vae does
     seed_everything(cfg.seed)
     channels_last = {"auto": None, "contiguous": False, "channels_last": True}[layout]
-    setup = build_training(cfg, device, channels_last=channels_last, amp=amp)  # type: ignore[arg-type]
-    images = data_u8.to(device)  # the one host->device copy
+    engine = build_engine(cfg, local, channels_last=channels_last, amp=amp)  # type: ignore[arg-type]
+    images = data_u8.to(local.device)  # the one host->device copy
     epoch_no = [0]
 
     def epoch(limit: float | None) -> int:
-        g = torch.Generator()
-        g.manual_seed(epoch_no[0])
         epoch_no[0] += 1
         stats = run_epoch(
-            setup, images, None, batch_size=cfg.batch_size, kl_w=1.0, generator=g, time_limit=limit
+            engine,
+            images,
+            None,
+            local,
+            epoch=epoch_no[0],
+            seed=cfg.seed,
+            batch_size=cfg.batch_size,
+            kl_w=1.0,
+            time_limit=limit,
         )
         return stats.images
 
-    compiled = setup.forward is not setup.model
     desc = (
-        f"device={device.type} batch={cfg.batch_size} channels_last={setup.channels_last} "
-        f"amp={setup.amp_dtype} compile={compiled} threads={torch.get_num_threads()}"
+        f"device={local.device.type} batch={cfg.batch_size} latent={cfg.model.latent_dim} "
+        f"channels_last={engine.channels_last} amp={engine.amp_dtype} compile={cfg.compile} "
+        f"threads={torch.get_num_threads()}"
     )
     return epoch, desc
 
@@ -115,20 +123,23 @@ def _sync(device: str) -> None:
 
 
 def measure(
-    runs: dict[str, EpochFn], seconds: float, slice_s: float, device: str
+    runs: dict[str, EpochFn], seconds: float, slice_s: float, device: str, warmup_s: float | None = None
 ) -> dict[str, tuple[int, float, list[float]]]:
-    """Warm each loop up for one epoch, then alternate time slices until each has ``seconds`` of training.
+    """Warm each loop up, then alternate time slices until each has ``seconds`` of training.
 
-    Alternating slices exposes every loop to the same background load on a shared machine. Each slice
-    starts a fresh (shuffled) epoch that stops after the first step past its time limit, which is what
-    the reference does on its own.
+    The warm-up is ``warmup_s`` seconds of training (at least one step, so that ``torch.compile``
+    compiles and oneDNN/cuDNN build their kernels before the clock runs), or a whole epoch when None:
+    on a busy 2-core machine an epoch of 4096 images took minutes and measured nothing. Alternating
+    slices exposes every loop to the same background load on a shared machine. Each slice starts a
+    fresh (shuffled) epoch that stops after the first step past its time limit, which is what the
+    reference does on its own.
 
     Returns:
         name → (images, seconds, per-slice img/s).
     """
     for name, fn in runs.items():
         t = time.perf_counter()
-        fn(None)
+        fn(warmup_s)
         _sync(device)
         print(f"warm-up epoch {name}: {time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)
     totals: dict[str, tuple[int, float, list[float]]] = {name: (0, 0.0, []) for name in runs}
@@ -153,12 +164,31 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--images", type=int, default=4096)
     ap.add_argument("--batch", type=int, default=None, help="medvae batch size (default: TrainConfig's)")
     ap.add_argument(
-        "--latent", type=int, default=32, help="medvae latent size (default: the reference's 32, same model)"
+        "--latent",
+        type=int,
+        default=None,
+        help="medvae latent size (default: TrainConfig's, the shipped 128; 32 is the reference's own)",
     )
     ap.add_argument("--ref-batch", type=int, default=128, help="reference batch size (its own default)")
-    ap.add_argument("--compile", action="store_true", help="torch.compile the model (TrainConfig.compile)")
-    ap.add_argument("--reference", action="store_true", help="also time the reference loop, interleaved")
+    ap.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="torch.compile the model on/off (default: TrainConfig.compile, the shipped setting)",
+    )
+    ap.add_argument(
+        "--reference",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time the tutorial reference loop, interleaved, and report the ratio (default: on)",
+    )
     ap.add_argument("--slice", type=float, default=2.0, help="seconds per alternating slice with --reference")
+    ap.add_argument(
+        "--warmup",
+        type=float,
+        default=5.0,
+        help="untimed seconds of training per loop before timing (at least one step); <= 0: one epoch",
+    )
     ap.add_argument(
         "--layout",
         choices=["auto", "contiguous", "channels_last"],
@@ -173,11 +203,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     a = ap.parse_args(argv)
 
-    overrides: dict[str, object] = {
-        "device": a.device,
-        "compile": a.compile,
-        "model": {"latent_dim": a.latent},
-    }
+    # The shipped defaults (TrainConfig()) unless an option overrides them.
+    overrides: dict[str, object] = {"device": a.device}
+    if a.compile is not None:
+        overrides["compile"] = a.compile
+    if a.latent is not None:
+        overrides["model"] = {"latent_dim": a.latent}
     if a.batch is not None:
         overrides["batch_size"] = a.batch
     cfg = TrainConfig.model_validate(overrides)
@@ -199,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"medvae settings: {desc}; reference batch={a.ref_batch}", file=sys.stderr, flush=True)
 
     slice_s = a.slice if ref is not None else a.seconds
-    totals = measure(runs, a.seconds, slice_s, device)
+    totals = measure(runs, a.seconds, slice_s, device, a.warmup if a.warmup > 0 else None)
     rate = {name: n / s for name, (n, s, _) in totals.items()}
     print(f"medvae img/s: {rate['medvae']:.1f}")
     if ref is not None:

@@ -315,7 +315,7 @@ def train(
 
 def _train(cfg: Any, job: dict[str, Any], *, progress: bool) -> None:
     """Run the train job (in this process, or as one torchrun rank) and report it once."""
-    from medvae.engine import dist as distributed
+    from medvae.engine import strategy as distributed
     from medvae.jobs.train import train_job
 
     res = train_job(
@@ -342,7 +342,7 @@ def _launch_torchrun(nproc: int, cfg: Any, job: dict[str, Any]) -> None:
     """Run the resolved job under torchrun: every rank reads the same job file, so none re-parses options."""
     from medvae._io import atomic_write_json
     from medvae.config import to_jsonable
-    from medvae.engine import dist as distributed
+    from medvae.engine import strategy as distributed
 
     distributed.per_rank_batch(cfg.batch_size, nproc)  # fail here, once, not in every rank
     spec = Path(job["out_dir"]) / ".train-job.json"

@@ -246,7 +246,7 @@ def store_ids(uri: Path) -> list[str]:
 
 def checkpoint_of(model_dir: Path) -> dict[str, Any] | None:
     """The training checkpoint of a model directory, or None when none was written yet."""
-    from medvae.engine.trainer import CHECKPOINT_NAME, load_checkpoint
+    from medvae.engine.checkpoint import CHECKPOINT_NAME, load_checkpoint
 
     path = model_dir / "checkpoint" / CHECKPOINT_NAME
     return load_checkpoint(path) if path.exists() else None

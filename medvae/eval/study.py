@@ -232,7 +232,7 @@ def evaluate(
             split too small.
         FileNotFoundError: when the source is neither a store nor a folder.
     """
-    from medvae.engine.trainer import select_device
+    from medvae.engine.device import select_device
 
     t_start = time.perf_counter()
     out_dir = Path(out_dir)

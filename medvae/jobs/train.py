@@ -95,14 +95,14 @@ def train_job(
     read the same store version (rank 0 pins the latest), train together with DDP, and rank 0 alone
     writes the model directory and calibrates; every rank returns rank 0's result.
     """
-    from medvae.engine import dist as distributed
+    from medvae.engine import strategy as distributed
     from medvae.engine.trainer import train_vae
 
     store = Store(store_uri)
-    with distributed.session(cfg.device) as ddp:
-        if ddp is not None and version is None:
+    with distributed.session(cfg.device) as strategy:
+        if strategy.world_size > 1 and version is None:
             # A commit between two ranks' reads would give them different data: read rank 0's latest.
-            version = distributed.on_main(lambda: int(store.table().version()), ddp)
+            version = strategy.on_main(lambda: int(store.table().version()))
         data = load_training_data(store, version, where, cfg)
         if cfg.model.conditional:
             cfg = cfg.model_copy(
@@ -118,13 +118,14 @@ def train_job(
             checkpoint_dir=out_dir / "checkpoint",
             resume=resume,
             progress=progress,
+            strategy=strategy,
         )
 
         def finish() -> TrainedModel:
             return _write_model_dir(store, out_dir, cfg, data, result)
 
         # Several processes: rank 0 writes the model directory and calibrates, the others wait for it.
-        return finish() if ddp is None else distributed.on_main(finish, ddp)
+        return strategy.on_main(finish)
 
 
 def _write_sampler(out_dir: Path, model: Any, data: TrainingData, seed: int) -> None:

@@ -1,4 +1,4 @@
-"""Multi-process (DDP) training on the CPU with gloo: torchrun end to end, sharding, sync BatchNorm,
+"""Multi-process (DDP) training on the CPU with gloo: torchrun end to end, sharding, BatchNorm settings,
 rank-0-only writes and resume across world sizes.
 
 Two launches carry most of the file: one real ``medvae train --nproc 2`` (torchrun running
@@ -26,9 +26,11 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from medvae.config import IngestConfig, LossConfig, ModelConfig, TrainConfig, load_config
-from medvae.engine import dist as distributed
-from medvae.engine.dist import DistContext
-from medvae.engine.trainer import CHECKPOINT_NAME, _batches, _resumable_config, load_checkpoint, train_vae
+from medvae.engine import strategy as distributed
+from medvae.engine.checkpoint import CHECKPOINT_NAME, load_checkpoint, resumable_config
+from medvae.engine.device import use_sync_batchnorm
+from medvae.engine.strategy import Local, Torchrun, shard_epoch, strategy_for
+from medvae.engine.trainer import train_vae
 from medvae.vae.model import ConvVAE
 from tests.engine.test_trainer import _noise
 
@@ -75,9 +77,9 @@ def _cfg(**kw: Any) -> TrainConfig:
 # ------------------------------------------------------------------------------------ pure functions
 def test_epoch_shards_make_up_the_single_process_batches() -> None:
     order = torch.randperm(45, generator=torch.Generator().manual_seed(0))
-    single = list(_batches(45, 8, order))  # 5 full batches and a last one of 5
+    single = [order[k : k + 8] for k in range(0, 45, 8)]  # 5 full batches and a last one of 5
     for world in (1, 2, 4):
-        shards = [distributed.epoch_shard(order, 8, DistContext(r, r, world, "gloo")) for r in range(world)]
+        shards = [shard_epoch(order, 8, r, world) for r in range(world)]
         steps = shards[0][1]
         assert all(s[1] == steps for s in shards)  # every rank runs the same number of equal steps
         assert steps[:5] == [8 // world] * 5
@@ -90,8 +92,12 @@ def test_epoch_shards_make_up_the_single_process_batches() -> None:
                 assert b == 5 // world and set(union.tolist()) <= set(single[5].tolist())
             pos += b
     # A tail of one image per rank is dropped (BatchNorm); with one process it is kept as one batch of 5.
-    assert distributed.epoch_shard(order, 8, DistContext(0, 0, 4, "gloo"))[1] == [2] * 5
-    assert distributed.epoch_shard(order, 8, DistContext(0, 0, 1, "gloo"))[1] == [8] * 5 + [5]
+    assert shard_epoch(order, 8, 0, 4)[1] == [2] * 5
+    assert shard_epoch(order, 8, 0, 1)[1] == [8] * 5 + [5]
+    # One process is the same function: Local's shard is the plain batching of the whole permutation.
+    idx, steps = Local(torch.device("cpu")).shard(order, 8)
+    assert torch.equal(idx, order) and steps == [8] * 5 + [5]
+    assert shard_epoch(order[:41], 8, 0, 1)[1] == [8] * 5  # only a last batch of one image is dropped
 
 
 def test_per_rank_batch_errors_are_clear() -> None:
@@ -110,18 +116,23 @@ def test_sync_batchnorm_setting() -> None:
     assert load_config(TrainConfig, None, ["sync_batchnorm=off"]).sync_batchnorm == "off"
     assert TrainConfig().sync_batchnorm == "auto"
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert not distributed.use_sync_batchnorm("auto", cpu) and distributed.use_sync_batchnorm("auto", cuda)
-    assert distributed.use_sync_batchnorm("on", cpu) and not distributed.use_sync_batchnorm("off", cuda)
+    assert not use_sync_batchnorm("auto", cpu) and use_sync_batchnorm("auto", cuda)
+    assert use_sync_batchnorm("on", cuda) and not use_sync_batchnorm("off", cuda)
+    assert not use_sync_batchnorm("off", cpu)
+    with pytest.raises(ValueError, match="sync_batchnorm=on needs CUDA"):
+        use_sync_batchnorm("on", cpu)
     # It only acts with several processes, so a checkpoint resumes whatever it is; the number of
     # processes is not part of the configuration at all.
-    assert _resumable_config(_cfg(sync_batchnorm="on")) == _resumable_config(_cfg(sync_batchnorm="off"))
-    assert _resumable_config(_cfg(lr=0.5)) != _resumable_config(_cfg())
+    assert resumable_config(_cfg(sync_batchnorm="on")) == resumable_config(_cfg(sync_batchnorm="off"))
+    assert resumable_config(_cfg(lr=0.5)) != resumable_config(_cfg())
 
 
 def test_single_process_is_untouched_by_the_distributed_module() -> None:
-    assert distributed.current() is None  # no process group: train_vae takes the one-process path
-    with distributed.session("cpu") as ctx:  # no WORLD_SIZE: nothing is initialised
-        assert ctx is None and not torch.distributed.is_initialized()
+    assert isinstance(strategy_for("cpu"), Local)  # no process group: one process
+    with distributed.session("cpu") as strategy:  # no WORLD_SIZE: nothing is initialised
+        assert isinstance(strategy, Local) and not torch.distributed.is_initialized()
+        assert (strategy.rank, strategy.world_size, strategy.shard_range(5)) == (0, 1, slice(0, 5))
+        assert distributed.on_main(lambda: 7, strategy) == 7
 
 
 # ------------------------------------------------------------------------------------ spawned ranks
@@ -145,32 +156,6 @@ def _audit_writes(root: str, log: list[str]) -> None:
     _sys.addaudithook(hook)
 
 
-def _bn_net() -> torch.nn.Module:
-    from torch import nn
-
-    return nn.Sequential(
-        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 3, 3), nn.BatchNorm2d(3)
-    )
-
-
-def _sync_bn_gradients(rank: int, world: int, sync: bool) -> dict[str, torch.Tensor]:
-    """Gradients and running stats of a DDP step on this rank's half of a batch of 8."""
-    torch.manual_seed(0)
-    net = _bn_net()
-    if sync:
-        net = distributed.convert_host_sync_batchnorm(net)
-    ddp = distributed.wrap_ddp(net, torch.device("cpu"))
-    x = torch.randn(8, 1, 6, 6, generator=torch.Generator().manual_seed(1)) * 3 + 1
-    part = x[rank * 8 // world : (rank + 1) * 8 // world]
-    out = ddp(part)
-    loss = out.square().sum(dim=(1, 2, 3)).mean()  # a per-image mean, as the VAE's loss
-    loss.backward()
-    res = {f"grad.{n}": p.grad.detach().clone() for n, p in net.named_parameters() if p.grad is not None}
-    res.update({f"buf.{n}": b.detach().clone() for n, b in net.named_buffers()})
-    res["keys"] = sorted(net.state_dict())  # type: ignore[assignment]
-    return res
-
-
 def _worker(rank: int, world: int, root: str, rdzv: str) -> None:
     torch.set_num_threads(1)
     writes: list[str] = []
@@ -185,16 +170,21 @@ def _worker(rank: int, world: int, root: str, rdzv: str) -> None:
     )
     try:
         out: dict[str, Any] = {}
-        # 1. The host (CPU) SyncBatchNorm against one process on the whole batch, and plain BatchNorm.
-        out["sync_bn"] = _sync_bn_gradients(rank, world, sync=True)
-        out["plain_bn"] = _sync_bn_gradients(rank, world, sync=False)
         x, val = _noise(45), _noise(11, seed=1)
         runs = Path(root) / "runs"
-        # 2. Resume a one-process checkpoint with two processes (synchronised BatchNorm on).
+        strategy = strategy_for("cpu")
+        out["strategy"] = (type(strategy).__name__, strategy.rank, strategy.world_size)
+        # 1. sync_batchnorm=on on the CPU stops every rank with the same one-line error, before any
+        # collective (so none is left waiting).
+        try:
+            train_vae(x, None, _cfg(epochs=1, sync_batchnorm="on"), val_images=val, progress=False)
+        except ValueError as exc:
+            out["sync_on_cpu"] = str(exc)
+        # 2. Resume a one-process checkpoint with two processes.
         res = train_vae(
             x,
             None,
-            _cfg(epochs=4, sync_batchnorm="on"),
+            _cfg(epochs=4),
             val_images=val,
             checkpoint_dir=runs / "one_to_two",
             resume=True,
@@ -214,10 +204,8 @@ def _worker(rank: int, world: int, root: str, rdzv: str) -> None:
         out["straight"], out["resumed"] = straight.history, resumed.history
         out["straight_state"], out["resumed_state"] = straight.model.state_dict(), resumed.model.state_dict()
         # 4. A failure on rank 0 (a full disk while writing) stops every rank instead of hanging them.
-        ctx = distributed.current()
-        assert ctx is not None
         try:
-            distributed.on_main(lambda: 1 // 0, ctx)
+            strategy.on_main(lambda: 1 // 0)
         except ZeroDivisionError:
             out["on_main_error"] = "raised ZeroDivisionError"
         except RuntimeError as exc:
@@ -257,23 +245,14 @@ def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, 
     yield root, results
 
 
-def test_host_sync_batchnorm_equals_one_process_on_the_whole_batch(
+def test_ranks_get_the_torchrun_strategy_and_refuse_cpu_sync_batchnorm(
     two_ranks: tuple[Path, list[dict[str, Any]]],
 ) -> None:
     _, results = two_ranks
-    torch.manual_seed(0)
-    net = _bn_net()
-    x = torch.randn(8, 1, 6, 6, generator=torch.Generator().manual_seed(1)) * 3 + 1
-    net(x).square().sum(dim=(1, 2, 3)).mean().backward()
-    ref = {f"grad.{n}": p.grad for n, p in net.named_parameters() if p.grad is not None}
-    ref.update({f"buf.{n}": b for n, b in net.named_buffers()})
-    for res in results:
-        assert res["sync_bn"]["keys"] == sorted(net.state_dict())  # same state-dict keys as BatchNorm2d
-        for k, v in ref.items():
-            torch.testing.assert_close(res["sync_bn"][k], v, rtol=1e-4, atol=1e-5, msg=k)
-    # The comparison can fail: per-process BatchNorm normalises each half with its own statistics.
-    plain = results[0]["plain_bn"]
-    assert not torch.allclose(plain["grad.0.weight"], ref["grad.0.weight"], rtol=1e-3, atol=1e-4)
+    for rank, res in enumerate(results):
+        assert res["strategy"] == (Torchrun.__name__, rank, 2)
+        msg = res["sync_on_cpu"]
+        assert msg.startswith("sync_batchnorm=on needs CUDA") and "\n" not in msg
 
 
 def test_resume_one_process_checkpoint_with_two(two_ranks: tuple[Path, list[dict[str, Any]]]) -> None:
@@ -287,11 +266,11 @@ def test_resume_one_process_checkpoint_with_two(two_ranks: tuple[Path, list[dict
     ckpt = load_checkpoint(root / "runs" / "one_to_two" / CHECKPOINT_NAME)
     assert ckpt["epoch"] == 3 and ckpt["world_size"] == 2
     assert _strip(ckpt["history"]) == _strip(a["history"])
-    # Trained with HostSyncBatchNorm, yet the checkpoint and the returned model are a plain ConvVAE's.
+    # Trained inside DDP, yet the checkpoint and the returned model are a plain ConvVAE's.
     plain = ConvVAE(_cfg().model)
     plain.load_state_dict(ckpt["model"], strict=True)
     plain.load_state_dict(ckpt["best_state"], strict=True)
-    assert "HostSyncBatchNorm" not in results[0]["returned_model_types"]
+    assert "DistributedDataParallel" not in results[0]["returned_model_types"]
     assert "BatchNorm2d" in results[0]["returned_model_types"]
     for k, v in results[0]["returned_state"].items():
         assert torch.equal(v, results[1]["returned_state"][k]), k  # every rank returns the same model
@@ -351,7 +330,7 @@ def test_torchrun_two_processes_match_one_and_resume_in_one(
     from medvae.cli import app
     from medvae.data.ingest import ingest
     from medvae.data.store import Store
-    from medvae.engine.trainer import build_training, evaluate
+    from medvae.engine.loop import build_engine, evaluate
     from medvae.jobs.train import load_training_data, train_job
     from medvae.vae.artifacts import load_model
 
@@ -384,10 +363,11 @@ def test_torchrun_two_processes_match_one_and_resume_in_one(
     # The history is global: the last epoch's validation loss is that of the whole val set (not one
     # rank's half) under the checkpointed weights, recomputed here in one process.
     data = load_training_data(store, None, None, cfg)
-    setup = build_training(cfg, torch.device("cpu"))
-    setup.model.load_state_dict(ckpt["model"])
+    local = Local(torch.device("cpu"))
+    engine = build_engine(cfg, local)
+    engine.model.load_state_dict(ckpt["model"])
     val = torch.as_tensor(data.val_images).unsqueeze(1)
-    full = evaluate(setup, val, None, batch_size=16, kl_w=cfg.loss.beta)
+    full = evaluate(engine, val, None, local, batch_size=16, kl_w=cfg.loss.beta)
     assert full.images == len(data.val_images) and full.images == metrics_rows(two_dir)
     assert hist[-1]["val_loss"] == pytest.approx(full.loss, rel=1e-4)
 
