@@ -124,6 +124,7 @@ def decode_one(job: tuple[str, str | None], ctx: DecodeContext) -> FileResult:
     Returns:
         The file's result; its rows hold the pixels when it was ingested.
     """
+    from medvae.data.labels import vet_label
     from medvae.data.readers import RejectedInput, decode_bytes
 
     path_s, label = job
@@ -166,6 +167,8 @@ def decode_one(job: tuple[str, str | None], ctx: DecodeContext) -> FileResult:
         # A decoder bug must not stop the batch; the file is rejected with the cause. BaseException, not
         # Exception: a panicking Rust codec raises pyo3's PanicException, which derives from it.
         return FileResult(path_s, REJECTED, f"unexpected decoder error {type(exc).__name__}: {exc}")
+    # DICOM folder names and labels that name the patient are withheld; the file is still ingested.
+    label, label_note = vet_label(label, images, cfg)
 
     rows: list[dict[str, Any]] = []
     for img in images:
@@ -200,7 +203,7 @@ def decode_one(job: tuple[str, str | None], ctx: DecodeContext) -> FileResult:
                 "pixel_spacing_col": spacing[1],
             }
         )
-    return FileResult(path_s, INGESTED, None, ids=[r["id"] for r in rows], rows=rows)
+    return FileResult(path_s, INGESTED, label_note, ids=[r["id"] for r in rows], rows=rows)
 
 
 def _is_utf8(text: str) -> bool:
