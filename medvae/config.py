@@ -48,8 +48,46 @@ class IngestConfig(_Frozen):
     reject_burned_in: bool = Field(
         True, description="Reject DICOMs marked BurnedInAnnotation YES: their pixels may carry PHI."
     )
+    burned_in_unless_declared: tuple[str, ...] = Field(
+        ("SC", "US", "OT", "XC", "ES"),
+        description="DICOMs of these kinds are rejected unless BurnedInAnnotation is explicitly NO, because "
+        "they often carry burned-in patient text: Modality codes (ultrasound, other, camera, endoscopy), "
+        "and SC for every Secondary Capture SOP class (screen captures, scanned documents). () turns it off.",
+    )
+    burned_in_text: Literal["reject", "ingest", "off"] = Field(
+        "reject",
+        description="Screen the top and bottom bands of every image for lines of text-like marks: reject "
+        "the file ('burned-in text suspected'), ingest it anyway (noted in the report), or off.",
+    )
+    burned_in_min_text_px: float = Field(
+        3.0,
+        gt=0,
+        description="Smallest character height the text screen looks for, in pixels of the stored image: "
+        "text smaller than this is illegible at the stored size.",
+    )
+    burned_in_ocr: bool = Field(
+        False,
+        description="Also run tesseract OCR (when installed) on the border bands of images the text screen "
+        "passed; skipped silently when tesseract is absent.",
+    )
     labels: Literal["folder", "none"] = Field(
         "folder", description="folder: the parent folder name is the label (ImageFolder); none: no label."
+    )
+    dicom_folder_labels: bool = Field(
+        False,
+        description="Take folder labels from DICOM files too. Off by default: a PACS export is "
+        "PATIENT/STUDY/SERIES/IMG.dcm, whose folders name patients and series, not classes; PNG/JPEG "
+        "ImageFolder trees keep their folder labels.",
+    )
+    vet_labels: bool = Field(
+        True,
+        description="Withhold (store no label for) a label that matches the file's PatientName, PatientID, "
+        "AccessionNumber or a date in it, or that looks like a UID or an ID.",
+    )
+    follow_external_symlinks: bool = Field(
+        False,
+        description="Follow file symlinks whose target lies outside the source folder; by default they are "
+        "rejected, so that a link cannot pull an unrelated file (a key, /etc/passwd) into an ingest.",
     )
     labels_csv: Path | None = Field(None, description="CSV with columns path,label; overrides folder labels.")
     patient_regex: str | None = Field(

@@ -164,7 +164,14 @@ def _dicom_seeds() -> list[tuple[str, bytes]]:
     out.append(("float.dcm", _write(flt)))
     # Compressed: JPEG baseline (encapsulated, as a scanner writes it) and RLE (pydicom's own encoder).
     grey8 = rng.integers(0, 256, (16, 16), dtype=np.uint8)
-    jpg = _dicom(grey8, JPEGBaseline8Bit, SOPClassUID=SecondaryCaptureImageStorage, Modality="OT")
+    # BurnedInAnnotation NO: a Secondary Capture must declare it to pass the default burned-in policy.
+    jpg = _dicom(
+        grey8,
+        JPEGBaseline8Bit,
+        SOPClassUID=SecondaryCaptureImageStorage,
+        Modality="OT",
+        BurnedInAnnotation="NO",
+    )
     jpg["PixelData"] = DataElement(
         0x7FE00010, "OB", encapsulate([_jpeg(Image.fromarray(grey8))]), is_undefined_length=True
     )

@@ -473,13 +473,26 @@ def test_scanner_finds_a_planted_string(phi_run: PhiRun, tmp_path: Path) -> None
 
 
 def test_scan_catches_a_real_pipeline_leak(phi_run: PhiRun, tmp_path: Path) -> None:
-    """End to end, the scan can fail: with folder labels (the default) the PHI folder names become labels."""
+    """End to end, the scan can fail: with DICOM folder labels taken and not vetted (both off by default),
+    the PHI folder names become labels."""
     store = tmp_path / "store"
-    code, out = _invoke(CliRunner(), ["ingest", str(phi_run.dicom_src), "--store", str(store)])
+    unsafe = ["--set", "dicom_folder_labels=true", "--set", "vet_labels=false"]
+    code, out = _invoke(CliRunner(), ["ingest", str(phi_run.dicom_src), "--store", str(store), *unsafe])
     assert code == 0, out
     leaked = {lk.needle for lk in scan_for_phi({"store": store}, phi_run.planted)}
     study_folders = {p.name for p in phi_run.dicom_src.glob("*/*") if p.is_dir()}
     assert study_folders and study_folders <= leaked
+
+
+@pytest.mark.parametrize("opt_in", [[], ["--set", "dicom_folder_labels=true"]])
+def test_dicom_folder_names_do_not_become_labels(phi_run: PhiRun, tmp_path: Path, opt_in: list[str]) -> None:
+    """By default DICOM folder labels are not taken; opted in, the vetting withholds the PHI ones."""
+    store = tmp_path / "store"
+    code, out = _invoke(CliRunner(), ["ingest", str(phi_run.dicom_src), "--store", str(store), *opt_in])
+    assert code == 0, out
+    leaked = {lk.needle for lk in scan_for_phi({"store": store}, phi_run.planted)}
+    study_folders = {p.name for p in phi_run.dicom_src.glob("*/*") if p.is_dir()}
+    assert study_folders and not study_folders & leaked
 
 
 def test_labels_csv_in_a_phi_folder_does_not_leak_its_path(phi_run: PhiRun, tmp_path: Path) -> None:

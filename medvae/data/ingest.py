@@ -208,6 +208,7 @@ class _Decoded:
     source_id: str
     images: list[Any]  # readers.DecodedImage
     normalised: list[np.ndarray]
+    note: str | None = None  # why the label was withheld, if it was
 
 
 def decode_one(job: tuple[str, str | None], ctx: DecodeContext) -> FileResult:
@@ -244,6 +245,7 @@ def decode_many(jobs: Sequence[tuple[str, str | None]], ctx: DecodeContext) -> l
 
 def _read_and_normalise(job: tuple[str, str | None], ctx: DecodeContext) -> FileResult | _Decoded:
     """Read, hash, decode and normalise one file; a FileResult when it is rejected or already stored."""
+    from medvae.data.labels import vet_label
     from medvae.data.prepare import normalised_image
     from medvae.data.readers import RejectedInput, decode_bytes
 
@@ -275,11 +277,13 @@ def _read_and_normalise(job: tuple[str, str | None], ctx: DecodeContext) -> File
         # A decoder bug must not stop the batch; the file is rejected with the cause. BaseException, not
         # Exception: a panicking Rust codec raises pyo3's PanicException, which derives from it.
         return FileResult(path_s, REJECTED, f"unexpected decoder error {type(exc).__name__}: {exc}")
+    # DICOM folder names and labels that name the patient are withheld; the file is still ingested.
+    label, label_note = vet_label(label, images, cfg)
     try:
         normalised = [normalised_image(img.pixels, cfg) for img in images]
     except Exception as exc:
         return FileResult(path_s, REJECTED, f"cannot normalise image: {type(exc).__name__}: {exc}")
-    return _Decoded(path_s, label, source_id, images, normalised)
+    return _Decoded(path_s, label, source_id, images, normalised, label_note)
 
 
 def _read_file(path: Path, cfg: IngestConfig) -> bytes | FileResult:
@@ -358,7 +362,7 @@ def _rows_of(dec: _Decoded, pixels: np.ndarray, ctx: DecodeContext) -> FileResul
             }
         )
     ids = [r["id"] for r in rows]
-    return FileResult(dec.path, INGESTED, None, ids=ids, rows=rows, source=source_prefix(dec.source_id))
+    return FileResult(dec.path, INGESTED, dec.note, ids=ids, rows=rows, source=source_prefix(dec.source_id))
 
 
 def _is_utf8(text: str) -> bool:

@@ -13,7 +13,11 @@ Policies, and why:
   generative model of anatomy on label masks or dose clouds teaches it the wrong distribution.
 * **Burned-in annotation.** With ``reject_burned_in`` a DICOM that declares
   ``BurnedInAnnotation = YES`` is rejected, because its pixels may carry the patient's name or ID,
-  which no metadata scrubbing removes.
+  which no metadata scrubbing removes. The kinds that often carry burned-in text without saying so
+  (``burned_in_unless_declared``: Secondary Capture, US, OT, XC, ES by default) are rejected unless they
+  declare ``BurnedInAnnotation = NO``. And every decoded image, DICOM or not, is screened for lines of
+  text in its top and bottom bands (:mod:`medvae.data.textscreen`, ``burned_in_text``); a file that
+  shows some is rejected as ``burned-in text suspected (...)``, or ingested with a note.
 * **Multi-frame.** ``multiframe: middle`` keeps only frame ``n_frames // 2``: the middle of a cine
   loop or stack is representative of it, whereas every frame would multiply strongly correlated
   near-duplicates into the training set (and leak across splits as if they were independent scans).
@@ -21,10 +25,17 @@ Policies, and why:
 * **Memory bound.** Declared sizes are checked against ``max_pixels`` *before* anything is decoded
   (DICOM ``Rows × Columns × samples × frames decoded``, PNG/JPEG header size), so a forged header
   cannot make the decoder allocate gigabytes.
-* **Metadata.** Only the technical attributes in :data:`META_KEYS` are returned, and never
-  patient, physician, institution, date, instance UID or private data. The one exception is
-  ``patient_ref`` (the raw PatientID), returned separately so the caller can replace it with a keyed
-  hash for patient-level splitting; it must never be stored.
+* **Metadata.** Only the technical attributes in :data:`medvae.data.deid.ALLOWED_META` are returned,
+  and never patient, physician, institution, date, instance UID or private data. Their free-text values
+  are kept only when they are defined terms (:func:`medvae.data.deid.defined_term`): a Body Part
+  Examined of ``ZZQ800BODY DOE`` is returned as None, and so is an unknown SOP Class UID.
+  Two exceptions travel beside the metadata and must never be stored: ``patient_ref`` (the raw
+  PatientID), so the caller can replace it with a keyed hash for patient-level splitting, and
+  ``identifiers`` (the patient's name components, IDs and dates), so that a label naming the patient
+  can be refused (:mod:`medvae.data.labels`).
+* **Reasons.** A rejection reason never quotes the file: no attribute value, no bytes, no decoder
+  message (decoders echo data, and reasons are tallied into the store's lineage and printed in logs).
+  Decoder failures are reported by the exception's class; values are described, not shown.
 
 Intensity pipeline for greyscale DICOM (PS3.3 C.11): stored values → Modality LUT (rescale
 slope/intercept or Modality LUT Sequence, giving e.g. Hounsfield units) → VOI (the first VOI LUT, else
@@ -38,7 +49,7 @@ from __future__ import annotations
 import re
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from io import BytesIO
 from pathlib import Path, PurePath
 from typing import Any, Literal
@@ -46,12 +57,15 @@ from typing import Any, Literal
 import numpy as np
 import pydicom
 import pydicom.uid
+import pydicom.valuerep
 from PIL import Image, ImageOps, UnidentifiedImageError
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, pixel_array
 
 from medvae.config import IngestConfig
+from medvae.data.deid import ALLOWED_META, defined_term, known_uid_name
+from medvae.data.labels import Identifiers
 from medvae.data.transforms import luminance, percentile_window, window
 
 __all__ = [
@@ -64,24 +78,9 @@ __all__ = [
     "sniff_format",
 ]
 
-# The only keys ever present in DecodedImage.meta. Everything here is a technical property of the
-# acquisition or encoding; none of it identifies a person, place or time.
-META_KEYS: frozenset[str] = frozenset(
-    {
-        "source_format",
-        "modality",
-        "photometric",
-        "orig_rows",
-        "orig_cols",
-        "pixel_spacing",
-        "bits_stored",
-        "transfer_syntax",
-        "sop_class",
-        "window",
-        "body_part",
-        "view_position",
-    }
-)
+# The only keys ever present in DecodedImage.meta: the de-identification allow-list itself, so that the
+# readers and the filter applied before storing can never disagree.
+META_KEYS: frozenset[str] = frozenset(ALLOWED_META)
 
 # How many leading bytes sniff_format needs: the 128-byte DICOM preamble plus "DICM".
 SNIFF_BYTES = 132
@@ -148,6 +147,10 @@ _IMAGE_PIXEL_INTEGERS = (
     "PlanarConfiguration",
 )
 _INTEGER_VRS = frozenset({"US", "SS", "UL", "SL", "US or SS"})
+_KNOWN_VRS = frozenset(vr.value for vr in pydicom.valuerep.VR)
+# Defined terms of PhotometricInterpretation (PS3.3 C.7.6.3.1.2) that medvae does not decode; naming one
+# in a reason is safe, naming an arbitrary value is not.
+_OTHER_PHOTOMETRIC = frozenset({"HSV", "ARGB", "CMYK", "YBR_PARTIAL_422", "XYB"})
 
 # A generous bound on everything in a data set except its pixels, for the deflate guard below.
 _NON_PIXEL_BYTES_ALLOWANCE = 64 * 2**20
@@ -173,6 +176,12 @@ class DecodedImage:
     the stored resolution, except that a JPEG may come out DCT-downscaled by 2, 4 or 8 (to no less
     than twice the configured output side; ``meta`` still gives the original size).
 
+    ``patient_ref`` (the raw PatientID) and ``identifiers`` (the patient's name components, IDs and the
+    file's dates) are identifying and must never be stored or logged: the first is for the caller to
+    replace with a keyed hash, the second only for refusing labels that name the patient
+    (:func:`medvae.data.labels.vet_label`). Both are None for PNG/JPEG files. ``notes`` says what the
+    screens saw in a file they let through (burned-in text with ``burned_in_text: ingest``).
+
     ``eq=False``: equality and hashing by identity, since field-wise comparison of arrays is ambiguous.
     """
 
@@ -181,6 +190,8 @@ class DecodedImage:
     patient_ref: str | None
     frame_index: int
     n_frames: int
+    identifiers: Identifiers | None = None
+    notes: tuple[str, ...] = ()
 
 
 def sniff_format(head: bytes, name: str) -> Literal["dicom", "png", "jpeg", "other"]:
@@ -245,7 +256,8 @@ def decode_file(path: Path, cfg: IngestConfig) -> list[DecodedImage]:
             # Bounded read: the file may have grown since stat().
             data = fh.read(cfg.max_file_bytes + 1)
     except OSError as exc:
-        raise RejectedInput(f"cannot read file: {exc.strerror or exc}") from exc
+        # strerror, not str(exc): the latter repeats the path, and reasons are tallied into lineage.
+        raise RejectedInput(f"cannot read file: {exc.strerror or type(exc).__name__}") from exc
     return decode_bytes(data, path.name, cfg)
 
 
@@ -278,13 +290,17 @@ def decode_bytes(data: bytes, name: str, cfg: IngestConfig) -> list[DecodedImage
     Image.MAX_IMAGE_PIXELS = cfg.max_pixels
     fmt = sniff_format(data[:SNIFF_BYTES], name)
     if fmt == "dicom":
-        return _decode_dicom(data, cfg)
-    if fmt in ("png", "jpeg"):
-        return [_decode_raster(data, fmt, cfg)]
-    raise RejectedInput(
-        f"not a DICOM, PNG or JPEG file (first bytes {data[:8].hex(' ')}: no DICM marker at offset 128, "
-        "no PNG signature, no JPEG start-of-image, and no .dcm extension)"
-    )
+        images = _decode_dicom(data, cfg)
+    elif fmt in ("png", "jpeg"):
+        images = [_decode_raster(data, fmt, cfg)]
+    else:
+        # The bytes themselves stay out of the reason: through a followed symlink they were a password
+        # file and a store key.
+        raise RejectedInput(
+            "not a DICOM, PNG or JPEG file (no DICM marker at offset 128, no PNG signature, no JPEG "
+            "start-of-image, and no .dcm extension)"
+        )
+    return _screen_burned_in_text(images, cfg)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -292,11 +308,45 @@ def decode_bytes(data: bytes, name: str, cfg: IngestConfig) -> list[DecodedImage
 # --------------------------------------------------------------------------------------------------
 
 
-def _one_line(exc: BaseException, limit: int = 300) -> str:
-    """An exception as one short line: decoders raise multi-line messages and reprs of buffers."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    text = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "the data", text)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+def _failure(exc: BaseException) -> str:
+    """A decoder failure named by its exception class only.
+
+    The message is left out on purpose: decoders quote what they choke on (a value, a VR, bytes of the
+    stream), and a reason is tallied into the store's lineage and printed in logs.
+    """
+    return f"{type(exc).__name__} raised by the decoder"
+
+
+def _screen_burned_in_text(images: list[DecodedImage], cfg: IngestConfig) -> list[DecodedImage]:
+    """Reject (or note) a file whose images show lines of text in their border bands.
+
+    Up to three frames are screened (first, middle, last): overlay text is the same on every frame.
+    """
+    if cfg.burned_in_text == "off" or not images:
+        return images
+    from medvae.data.textscreen import find_text, ocr_words
+
+    picks = sorted({0, len(images) // 2, len(images) - 1})
+    seen: str | None = None
+    for i in picks:
+        found = find_text(images[i].pixels, cfg.size, cfg.burned_in_min_text_px)
+        if found is not None:
+            seen = found.describe()
+            break
+        if cfg.burned_in_ocr:
+            words = ocr_words(images[i].pixels)
+            if words is not None and words >= 2:
+                seen = f"OCR read {words} words in the border bands"
+                break
+    if seen is None:
+        return images
+    if cfg.burned_in_text == "reject":
+        raise RejectedInput(
+            f"burned-in text suspected ({seen}); rejected by policy (set burned_in_text: ingest to keep "
+            "such files)"
+        )
+    note = f"burned-in text suspected ({seen}); ingested as burned_in_text: ingest asks"
+    return [replace(img, notes=(*img.notes, note)) for img in images]
 
 
 def _empty_meta(source_format: str) -> dict[str, Any]:
@@ -337,13 +387,13 @@ def _decode_raster(data: bytes, fmt: Literal["png", "jpeg"], cfg: IngestConfig) 
         img = Image.open(BytesIO(data), formats=[label])
     except Image.DecompressionBombError as exc:
         raise RejectedInput(
-            f"{label} header declares too many pixels ({_one_line(exc)}), over max_pixels={cfg.max_pixels}; "
+            f"{label} header declares more pixels than max_pixels={cfg.max_pixels}; "
             "not decoded (decompression-bomb guard; raise max_pixels to ingest it)"
         ) from exc
     except UnidentifiedImageError as exc:
         raise RejectedInput(f"corrupt or truncated {label} header: Pillow cannot parse it") from exc
     except Exception as exc:
-        raise RejectedInput(f"corrupt {label} header: {_one_line(exc)}") from exc
+        raise RejectedInput(f"corrupt {label} header ({_failure(exc)})") from exc
 
     cols, rows = img.size
     if rows < 1 or cols < 1:
@@ -368,11 +418,13 @@ def _decode_raster(data: bytes, fmt: Literal["png", "jpeg"], cfg: IngestConfig) 
         # carry none and are left as they are.
         transposed = ImageOps.exif_transpose(img)
     except Image.DecompressionBombError as exc:
-        raise RejectedInput(f"{label} is a decompression bomb: {_one_line(exc)}") from exc
+        raise RejectedInput(
+            f"{label} is a decompression bomb (more pixels than max_pixels={cfg.max_pixels})"
+        ) from exc
     except Exception as exc:
-        msg = _one_line(exc)
-        kind = "truncated" if "truncat" in msg.lower() else "corrupt"
-        raise RejectedInput(f"{kind} {label}: {msg}") from exc
+        # The message is read to tell truncation from corruption, never quoted.
+        kind = "truncated" if "truncat" in str(exc).lower() else "corrupt"
+        raise RejectedInput(f"{kind} {label} ({_failure(exc)})") from exc
     if transposed is not None and transposed.size != img.size:
         rows, cols = cols, rows
     loaded: Image.Image = transposed if transposed is not None else img
@@ -380,8 +432,9 @@ def _decode_raster(data: bytes, fmt: Literal["png", "jpeg"], cfg: IngestConfig) 
     try:
         pixels, window_kind = _raster_to_grey(loaded)
     except Exception as exc:
+        # Pillow's mode names are a fixed vocabulary of the library, not content of the file.
         raise RejectedInput(
-            f"cannot convert {label} mode {loaded.mode!r} to greyscale: {_one_line(exc)}"
+            f"cannot convert {label} mode {loaded.mode!r} to greyscale ({_failure(exc)})"
         ) from exc
 
     meta = _empty_meta(fmt)
@@ -445,7 +498,7 @@ def _decode_dicom(data: bytes, cfg: IngestConfig) -> list[DecodedImage]:
     except Exception as exc:
         # Malformed files trip pydicom in many places (bad VRs, odd lengths, LUTs that do not match
         # their descriptors); every one of them is a property of the file, so it becomes a rejection.
-        raise RejectedInput(f"malformed DICOM: {type(exc).__name__}: {_one_line(exc)}") from exc
+        raise RejectedInput(f"malformed DICOM ({_failure(exc)})") from exc
 
 
 def _decode_dicom_checked(data: bytes, cfg: IngestConfig) -> list[DecodedImage]:
@@ -454,22 +507,23 @@ def _decode_dicom_checked(data: bytes, cfg: IngestConfig) -> list[DecodedImage]:
     try:
         ds = pydicom.dcmread(BytesIO(data), force=True)
     except Exception as exc:
-        raise RejectedInput(f"unreadable DICOM: {_one_line(exc)}") from exc
+        raise RejectedInput(f"unreadable DICOM ({_failure(exc)})") from exc
     if not has_preamble:
         _require_plausible_dataset(ds)
     ts = _ensure_transfer_syntax(ds)
-    sop_name = _uid_name(_sop_class_uid(ds))
-    modality = _text(ds.get("Modality"))
+    # Only standard names and defined terms from here on: they go into reasons and metadata alike.
+    sop_name = known_uid_name(_sop_class_uid(ds), "SOP Class")
+    modality = defined_term("modality", ds.get("Modality"))
 
     if not any(kw in ds for kw in _PIXEL_DATA_KEYWORDS):
-        if sop_name is None and modality is None:
+        if _sop_class_uid(ds) is None and ds.get("Modality") is None:
             # Nothing says what this is, so it is not a well-formed non-image object (an SR names its SOP
             # class): most often a file cut short after its header, or a preamble and "DICM" and nothing.
             raise RejectedInput(
                 f"no pixel data, SOP Class UID or Modality ({len(ds)} data elements parsed): "
                 "the data set is empty or the file is truncated"
             )
-        what = sop_name or (f"Modality {modality}" if modality else "this object")
+        what = sop_name or (f"Modality {modality}" if modality else "this object (of an unknown class)")
         if sop_name and "Image" in sop_name:
             raise RejectedInput(
                 f"no pixel data although {sop_name} is an image class: the file is probably truncated"
@@ -480,7 +534,7 @@ def _decode_dicom_checked(data: bytes, cfg: IngestConfig) -> list[DecodedImage]:
 
     rows, cols = _positive_int(ds.get("Rows")), _positive_int(ds.get("Columns"))
     if rows is None or cols is None:
-        raise RejectedInput(f"invalid image size: Rows={ds.get('Rows')!r}, Columns={ds.get('Columns')!r}")
+        raise RejectedInput("invalid image size: Rows or Columns is missing, zero or not a number")
     spp = _positive_int(ds.get("SamplesPerPixel")) or 1
     if spp not in (1, 3):
         raise RejectedInput(f"unsupported SamplesPerPixel={spp} (only 1 or 3)")
@@ -498,15 +552,13 @@ def _decode_dicom_checked(data: bytes, cfg: IngestConfig) -> list[DecodedImage]:
     if _positive_int(ds.get("BitsAllocated")) == 1:
         raise RejectedInput("1-bit pixels (BitsAllocated=1): a binary mask, not a scan")
 
-    if cfg.reject_burned_in and (_text(ds.get("BurnedInAnnotation")) or "").upper() == "YES":
-        raise RejectedInput(
-            "BurnedInAnnotation YES: pixels may carry burned-in patient text; rejected by policy "
-            "(set reject_burned_in: false to ingest)"
-        )
+    _check_burned_in_policy(ds, sop_name, modality, cfg)
 
     photometric = _text(ds.get("PhotometricInterpretation")) or ("MONOCHROME2" if spp == 1 else "RGB")
     if photometric not in _MONOCHROME | _COLOUR and photometric != "PALETTE COLOR":
-        raise RejectedInput(f"unsupported PhotometricInterpretation {photometric!r}")
+        # Named only when it is a defined term: the attribute is free text to a broken writer.
+        shown = repr(photometric) if photometric in _OTHER_PHOTOMETRIC else "(not a defined term)"
+        raise RejectedInput(f"unsupported PhotometricInterpretation {shown}")
 
     _check_pixel_encoding(ds, ts, n_frames)
     raw_frames = _decode_frames(ds, ts, frames, n_frames)
@@ -515,6 +567,7 @@ def _decode_dicom_checked(data: bytes, cfg: IngestConfig) -> list[DecodedImage]:
     patient_id = ds.get("PatientID")
     # Not _text(): an identifier must never be shortened (two long IDs could collide after hashing).
     patient_ref = (str(patient_id).strip().strip("\x00").strip() or None) if patient_id is not None else None
+    identifiers = _identifiers(ds)
 
     out: list[DecodedImage] = []
     for frame_index, raw in zip(frames, raw_frames, strict=True):
@@ -530,7 +583,12 @@ def _decode_dicom_checked(data: bytes, cfg: IngestConfig) -> list[DecodedImage]:
         meta = dict(meta_base, window=window_kind)
         out.append(
             DecodedImage(
-                pixels=pixels, meta=meta, patient_ref=patient_ref, frame_index=frame_index, n_frames=n_frames
+                pixels=pixels,
+                meta=meta,
+                patient_ref=patient_ref,
+                frame_index=frame_index,
+                n_frames=n_frames,
+                identifiers=identifiers,
             )
         )
     return out
@@ -556,7 +614,9 @@ def _guard_deflate(data: bytes, cfg: IngestConfig) -> None:
     try:
         inflated = inflater.decompress(data[fp.tell() :], limit)
     except zlib.error as exc:
-        raise RejectedInput(f"corrupt Deflated Explicit VR Little Endian data set: {exc}") from exc
+        raise RejectedInput(
+            "corrupt Deflated Explicit VR Little Endian data set (zlib cannot inflate it)"
+        ) from exc
     if inflater.unconsumed_tail or len(inflated) >= limit:
         raise RejectedInput(
             f"Deflated data set inflates to more than {limit} bytes (max_pixels={cfg.max_pixels}); "
@@ -571,10 +631,10 @@ def _require_plausible_dataset(ds: Dataset) -> None:
     tags = list(ds.keys())
     standard = [t for t in tags if not t.is_private and dictionary_has_tag(t)]
     if not standard or not any(kw in ds for kw in ("SOPClassUID", "Modality", "Rows", *_PIXEL_DATA_KEYWORDS)):
-        first = f"first element {tags[0]}" if tags else "no elements"
+        # The first tag is not named: for a file that is not DICOM it is four bytes of its content.
         raise RejectedInput(
             "no DICOM preamble or File Meta header, and the bytes do not parse as a DICOM data set "
-            f"({first}, no standard image attributes): the file is truncated, shifted or not DICOM"
+            "(no standard image attributes): the file is truncated, shifted or not DICOM"
         )
 
 
@@ -613,6 +673,85 @@ def _check_scan_policy(ds: Dataset, sop_name: str | None, modality: str | None) 
         raise RejectedInput(f"policy: Modality {modality} {what} is {_NON_SCAN_MODALITIES[modality.upper()]}")
 
 
+def _check_burned_in_policy(
+    ds: Dataset, sop_name: str | None, modality: str | None, cfg: IngestConfig
+) -> None:
+    """Refuse files that declare burned-in text, and risky kinds that do not declare its absence."""
+    declared = (_text(ds.get("BurnedInAnnotation")) or "").upper()
+    if cfg.reject_burned_in and declared == "YES":
+        raise RejectedInput(
+            "BurnedInAnnotation YES: pixels may carry burned-in patient text; rejected by policy "
+            "(set reject_burned_in: false to ingest)"
+        )
+    risky = set(cfg.burned_in_unless_declared)
+    kind: str | None = None
+    if "SC" in risky and sop_name and "Secondary Capture" in sop_name:
+        kind, code = sop_name, "SC"
+    elif modality in risky:
+        kind, code = f"Modality {modality}", str(modality)
+    if kind is not None and declared != "NO":
+        state = "absent" if not declared else "not NO"
+        raise RejectedInput(
+            f"burned-in text risk: {kind} often carries burned-in patient text and its "
+            f"BurnedInAnnotation is {state}; rejected by policy (check the pixels and set "
+            f"BurnedInAnnotation NO, or remove {code} from burned_in_unless_declared)"
+        )
+
+
+# Identifying attributes read for label vetting only (see DecodedImage.identifiers).
+_NAME_KEYWORDS = ("PatientName", "OtherPatientNames")
+_ID_KEYWORDS = ("PatientID", "OtherPatientIDs", "AccessionNumber")
+
+
+def _identifiers(ds: Dataset) -> Identifiers:
+    """The patient's name components, IDs and every top-level date of a data set, for label vetting."""
+    names: set[str] = set()
+    ids: set[str] = set()
+    for keyword in _NAME_KEYWORDS:
+        for value in _values(ds, keyword):
+            # Component groups (=), components (^) and the words within them, each matched on its own.
+            names.update(w for w in re.split(r"[^0-9a-z]+", value.lower()) if len(w) >= 2)
+    for keyword in _ID_KEYWORDS:
+        ids.update(c for c in (Identifiers.compact(v) for v in _values(ds, keyword)) if c)
+    return Identifiers(frozenset(names), frozenset(ids), frozenset(_dates(ds)))
+
+
+def _values(ds: Dataset, keyword: str) -> list[str]:
+    """Every value of a (possibly multi-valued) attribute as text; nothing when it cannot be read."""
+    try:
+        value = ds.get(keyword)
+    except Exception:
+        return []  # a malformed value: vetting must not reject the file for it
+    if value is None:
+        return []
+    items = value if isinstance(value, (list, tuple, MultiValue)) else [value]
+    return [str(v) for v in items if str(v).strip()]
+
+
+def _dates(ds: Dataset) -> set[str]:
+    """Every DA or DT value at the top level of ``ds`` as ``YYYYMMDD`` (study, series, birth, ...).
+
+    Raw elements are read without converting their values (a malformed date must not fail the file);
+    sequences are not descended into, which keeps this cheap on enhanced multi-frame files.
+    """
+    from pydicom.datadict import dictionary_VR
+
+    out: set[str] = set()
+    # keys(), not iteration: iterating a Dataset converts every raw element, a malformed one included.
+    for tag in ds.keys():  # noqa: SIM118
+        try:
+            elem = ds.get_item(tag)
+            vr = elem.VR or dictionary_VR(tag)
+        except Exception:
+            continue
+        if vr not in ("DA", "DT"):
+            continue
+        raw = elem.value
+        text = raw.decode("ascii", "replace") if isinstance(raw, (bytes, bytearray)) else str(raw or "")
+        out.update(m for m in re.findall(r"\d{8}", text.replace("-", "").replace(".", "")))
+    return out
+
+
 def _check_image_pixel_vrs(ds: Dataset) -> None:
     """Refuse Image Pixel attributes stored under a non-integer VR, naming the attribute.
 
@@ -625,8 +764,10 @@ def _check_image_pixel_vrs(ds: Dataset) -> None:
         if keyword in ds:
             elem = ds[keyword]
             if elem.VR not in _INTEGER_VRS:
+                # Two bytes of the file: named only when they spell a VR the standard defines.
+                vr = elem.VR if elem.VR in _KNOWN_VRS else "(not a VR)"
                 raise RejectedInput(
-                    f"{elem.tag} {keyword} is stored with VR {elem.VR}, but the standard says US: the "
+                    f"{elem.tag} {keyword} is stored with VR {vr}, but the standard says US: the "
                     "file was written by a broken encoder (re-export it, or fix the VR with a DICOM tool)"
                 )
 
@@ -650,14 +791,16 @@ def _check_pixel_encoding(ds: Dataset, ts: pydicom.uid.UID, n_frames: int) -> No
         value = elem.value if isinstance(elem.value, (bytes, bytearray)) else b""
         if not value.startswith(b"\xfe\xff\x00\xe0"):
             raise RejectedInput(
-                f"the transfer syntax is {ts.name} (compressed), but the pixel data is not encapsulated "
+                f"the transfer syntax is {_ts_label(ts)} (compressed), but the pixel data is not "
+                "encapsulated "
                 "(no fragment items): it is stored uncompressed, or the File Meta Transfer Syntax UID is "
                 "wrong (rewrite it, e.g. as Explicit VR Little Endian)"
             )
         return
     if elem.is_undefined_length:
         raise RejectedInput(
-            f"the pixel data is compressed (encapsulated fragments), but the transfer syntax is {ts.name}: "
+            "the pixel data is compressed (encapsulated fragments), but the transfer syntax is "
+            f"{_ts_label(ts)}: "
             "the File Meta Transfer Syntax UID is wrong (set it to the codec the data was compressed with)"
         )
     if not isinstance(elem.value, (bytes, bytearray)):
@@ -668,6 +811,12 @@ def _check_pixel_encoding(ds: Dataset, ts: pydicom.uid.UID, n_frames: int) -> No
         expected = int(get_expected_length(ds, "bytes"))
     except Exception:
         return  # size attributes pydicom cannot use: the decoder refuses them with its own reason
+    if len(elem.value) < expected:
+        # Said here rather than by pydicom, whose message the reason may not quote.
+        raise RejectedInput(
+            f"pixel data is {len(elem.value)} bytes, less than expected: Rows, Columns, SamplesPerPixel, "
+            f"BitsAllocated and NumberOfFrames declare {expected} bytes (the file is truncated)"
+        )
     frame_bytes = expected // n_frames
     # Up to one padding byte (odd lengths are padded to even) and any excess short of a frame are
     # ignored by pydicom; a whole frame or more means the header does not describe this data.
@@ -697,7 +846,7 @@ def _decode_frames(
     except MemoryError:
         raise
     except Exception as exc:
-        raise RejectedInput(f"cannot decode {ts.name} pixel data: {_one_line(exc)}") from exc
+        raise RejectedInput(f"cannot decode {_ts_label(ts)} pixel data ({_failure(exc)})") from exc
     except (KeyboardInterrupt, SystemExit, GeneratorExit):
         raise
     except BaseException as exc:
@@ -705,8 +854,8 @@ def _decode_frames(
         # bounds"); pyo3 turns the panic into PanicException, which derives from BaseException so that
         # `except Exception` misses it, and one bad file would end the whole ingest.
         raise RejectedInput(
-            f"cannot decode {ts.name} pixel data: the decoder crashed ({type(exc).__name__}: "
-            f"{_one_line(exc)}); the compressed data is corrupt"
+            f"cannot decode {_ts_label(ts)} pixel data: the decoder crashed ({type(exc).__name__}); "
+            "the compressed data is corrupt"
         ) from exc
 
 
@@ -860,10 +1009,10 @@ def _dicom_meta(
         bits_stored=_positive_int(ds.get("BitsStored")),
         # Transfer syntax and SOP class UIDs are standard constants naming an encoding and an object
         # type, not instance identifiers; their names are kept for provenance.
-        transfer_syntax=ts.name,
+        transfer_syntax=known_uid_name(ts, "Transfer Syntax"),
         sop_class=sop_name,
-        body_part=_text(ds.get("BodyPartExamined")),
-        view_position=_text(ds.get("ViewPosition")),
+        body_part=defined_term("body_part", ds.get("BodyPartExamined")),
+        view_position=defined_term("view_position", ds.get("ViewPosition")),
     )
     return meta
 
@@ -885,18 +1034,17 @@ def _pixel_spacing(ds: Dataset) -> list[float] | None:
     return None
 
 
+def _ts_label(ts: pydicom.uid.UID) -> str:
+    """The transfer syntax's standard name, for a reason; a private one is not spelled out."""
+    return known_uid_name(ts, "Transfer Syntax") or "an unknown transfer syntax"
+
+
 def _sop_class_uid(ds: Dataset) -> Any:
     """SOP Class UID from the data set, else from the File Meta (Media Storage SOP Class UID)."""
     file_meta = getattr(ds, "file_meta", None)
     return ds.get("SOPClassUID") or (
         file_meta.get("MediaStorageSOPClassUID") if file_meta is not None else None
     )
-
-
-def _uid_name(value: Any) -> str | None:
-    if not value:
-        return None
-    return str(pydicom.uid.UID(str(value)).name)
 
 
 def _text(value: Any) -> str | None:

@@ -1,4 +1,4 @@
-"""Model directories: round trip, content hash, tamper detection and refusal of pickles."""
+"""Model directories: round trip, content hash, tamper detection, signatures and refusal of pickles."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import torch
 from medvae.config import ModelConfig, TrainConfig
 from medvae.vae.artifacts import (
     HASH,
+    SIGNATURE,
     WEIGHTS,
     finalize,
     load_model,
@@ -21,6 +22,9 @@ from medvae.vae.artifacts import (
     read_json,
     read_tensors,
     save_model_dir,
+    sign,
+    store_key,
+    verify_signature,
     write_json,
     write_tensors,
 )
@@ -231,3 +235,95 @@ def test_package_versions() -> None:
         assert v[key]
     assert all(isinstance(x, str) for x in v.values())
     json.dumps(v)
+
+
+# ====================================================================== reproducible hash, signature
+
+
+def test_the_same_weights_give_the_same_hash(tmp_path: Path) -> None:
+    # safetensors keeps its metadata in a hash map whose order changes from one save to the next: the
+    # header is written sorted, so a dozen saves of one model are one file and one hash.
+    cfg = _cfg()
+    model = _trained_like(cfg)
+    hashes, weights = set(), set()
+    for i in range(12):
+        out = tmp_path / f"m{i}"
+        save_model_dir(out, model, cfg, label_names=["A"], dataset={"store": "s"}, metrics={})
+        hashes.add(model_hash(out, verify=True))
+        weights.add((out / WEIGHTS).read_bytes())
+    assert len(weights) == 1 and len(hashes) == 1
+    (header,) = {w[8 : 8 + int.from_bytes(w[:8], "little")] for w in weights}
+    meta = json.loads(header)["__metadata__"]
+    assert list(meta) == sorted(meta) and len(meta) >= 2
+    assert read_tensors(tmp_path / "m0", WEIGHTS).keys() == model.state_dict().keys()
+
+
+def test_signed_model_verifies_under_its_store_key_only(tmp_path: Path) -> None:
+    from medvae.data.store import Store
+
+    out, _, _ = _save(tmp_path)
+    key = Store(tmp_path / "store").key()
+    other = Store(tmp_path / "other").key()
+    assert store_key(str(tmp_path / "store")) == key
+    assert store_key(str(tmp_path / "nowhere")) is None and store_key(None) is None
+    sig = sign(out, key)
+    assert (out / SIGNATURE).read_text().splitlines()[0] == sig
+    assert model_hash(out, verify=True)  # the signature is not part of the content hash
+    assert load_model(out, key=key).signature == "verified"
+    assert load_model(out).signature == "not checked"
+    with pytest.raises(ValueError, match="signed with the key of another store") as exc:
+        load_model(out, key=other)
+    assert "\n" not in str(exc.value)
+
+
+def test_a_model_changed_after_signing_is_refused(tmp_path: Path) -> None:
+    from medvae.data.store import Store
+
+    out, _, _ = _save(tmp_path)
+    key = Store(tmp_path / "store").key()
+    sign(out, key)
+    # Whoever can write the directory can refresh hash.txt, so the hash alone accepts the change ...
+    write_json(out, "calibration.json", {"threshold": 99.0})
+    assert load_model(out).hash == model_hash(out, verify=True)
+    # ... but cannot make a signature without the store's key.
+    with pytest.raises(ValueError, match="files changed after it was signed"):
+        load_model(out, key=key)
+    with pytest.raises(ValueError, match="files changed after it was signed"):
+        verify_signature(out, key)
+    sign(out, key)  # signed again by the key holder: accepted
+    assert verify_signature(out, key)
+
+
+def test_unsigned_models_load_unless_a_signature_is_required(tmp_path: Path) -> None:
+    from medvae.data.store import Store
+
+    out, _, _ = _save(tmp_path)
+    key = Store(tmp_path / "store").key()
+    assert not verify_signature(out, key)
+    assert load_model(out, key=key).signature == "unsigned"
+    with pytest.raises(ValueError, match="refusing an unsigned model"):
+        load_model(out, key=key, require_signature=True)
+    with pytest.raises(ValueError, match="valid model-directory file name"):
+        write_json(out, SIGNATURE, {})
+
+
+def test_config_written_before_conditioning_existed_loads_as_concat(tmp_path: Path) -> None:
+    # A conditional model of the old architecture: the one-hot on z only, no encoder label planes.
+    base = _cfg(conditional=True)
+    old = base.model_copy(
+        update={
+            "model": base.model.model_copy(update={"conditioning": "concat", "encoder_label_planes": False})
+        }
+    )
+    model = _trained_like(old)
+    out = tmp_path / "old"
+    save_model_dir(out, model, old, label_names=["A", "B"], dataset={}, metrics={})
+    raw = json.loads((out / "config.json").read_text())
+    del raw["model"]["conditioning"], raw["model"]["encoder_label_planes"]
+    write_json(out, "config.json", raw)  # as an earlier medvae wrote it, hash refreshed
+    loaded = load_model(out)
+    assert loaded.cfg.model.conditioning == "concat" and loaded.cfg.model.encoder_label_planes is False
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, loaded.model.state_dict()[k]), k
+    # A config that names the fields keeps them (new configs always do).
+    assert load_model(_save(tmp_path / "new", conditional=True)[0]).cfg.model.conditioning == "cbn"
