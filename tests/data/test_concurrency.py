@@ -65,6 +65,7 @@ def _rows(ids: list[str]) -> pa.Table:
     return fake_rows(ids)
 
 
+@pytest.mark.slow  # many racing processes: ~20 s; the two-ingest races above stay in the default suite
 def test_racing_creators_of_a_new_store_do_not_duplicate(tmp_path: Path) -> None:
     """Two writers create the same new store at the same instant, three times over. delta-rs used to
     retry the loser's create as a blind append (version 1 repeating every shared id)."""

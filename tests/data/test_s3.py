@@ -236,6 +236,7 @@ def test_the_loser_of_the_key_race_uses_the_winners_key(
     assert log == ["_medvae/key/_delta_log/00000000000000000000.json"], log
 
 
+@pytest.mark.slow  # many writers against the S3 test server: ~25 s
 def test_concurrent_writers_on_s3_lose_and_duplicate_nothing(s3_uri: str, server: S3Server) -> None:
     """Three writers create the same new store (and its key) at once, then three more append to it."""
     from medvae.data.store import Store

@@ -324,6 +324,7 @@ SETS = [
 ]
 
 
+@pytest.mark.slow  # two torchrun launches and a resume: ~40 s on two cores
 def test_torchrun_two_processes_match_one_and_resume_in_one(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
