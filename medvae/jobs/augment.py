@@ -94,7 +94,7 @@ def generate_synthetic(model_dir: Path, store_uri: str, cfg: AugmentConfig) -> t
     from medvae.synth.sample import sample_images
     from medvae.vae.artifacts import load_model
 
-    loaded = load_model(model_dir)
+    loaded = load_model(model_dir, key=Store(store_uri).key(create=False))
     draws = _with_seeds(plan_draws(loaded.label_names, loaded.cfg.model.conditional, cfg), cfg.seed)
     sampler = _sampler(model_dir, cfg)
     train = _privacy_reference(loaded.meta.get("dataset", {}), store_uri)
@@ -223,7 +223,7 @@ def sample_pictures(model_dir: Path, out_dir: Path, *, seed: int = 0, label: str
     from medvae.synth.sample import sample_images
     from medvae.vae.artifacts import load_model
 
-    loaded = load_model(model_dir)
+    loaded = load_model(model_dir, key=Store(store_uri).key(create=False))
     cfg = AugmentConfig(count=32 * max(1, len(loaded.label_names)), label=label, seed=seed)
     draws = _with_seeds(plan_draws(loaded.label_names, loaded.cfg.model.conditional, cfg), seed)
     paths = []

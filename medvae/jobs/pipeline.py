@@ -34,7 +34,7 @@ def score_store_rows(
     from medvae.jobs.screen import Screener
 
     table = Store(store_uri).read(version, where={"origin": "real"})
-    screener = Screener.load(model_dir, cfg)
+    screener = Screener.load(model_dir, cfg, key=Store(store_uri).key(create=False))
     res = screener.score(images_from(table))
     cols = table.to_pydict()
     cols["anomaly_score"] = res["score"].tolist()

@@ -34,12 +34,15 @@ class Screener:
     prepare: IngestConfig
 
     @classmethod
-    def load(cls, model_dir: Path, cfg: ScreenConfig | None = None) -> Screener:
-        """Load and verify a model directory once, with the calibration of ``cfg.score``."""
+    def load(cls, model_dir: Path, cfg: ScreenConfig | None = None, key: bytes | None = None) -> Screener:
+        """Load and verify a model directory once, with the calibration of ``cfg.score``.
+
+        With ``key`` (the training store's), a signed directory must also match its signature.
+        """
         from medvae.anomaly.calibration import load_calibration
         from medvae.vae.artifacts import load_model
 
-        loaded = load_model(model_dir)
+        loaded = load_model(model_dir, key=key)
         cal = load_calibration(model_dir).for_score((cfg or ScreenConfig()).score)
         return cls(loaded, cal, screen_settings(loaded.meta))
 
@@ -291,7 +294,7 @@ def recalibrate_job(
     """
     from medvae.anomaly.calibration import calibration_warnings, fpr_interval, load_calibration, recalibrate
     from medvae.data.walk import iter_files
-    from medvae.vae.artifacts import model_hash, write_json, write_tensors
+    from medvae.vae.artifacts import SIGNATURE, model_hash, write_json, write_tensors
 
     screener = Screener.load(model_dir)
     records, batch = screen_files(screener, [(str(p), err) for p, err in iter_files(list(sources))])
@@ -300,6 +303,11 @@ def recalibrate_job(
     meta, tensors = cal.to_files()
     write_tensors(model_dir, "calibration.safetensors", tensors)
     write_json(model_dir, "calibration.json", {**meta, "recalibrated_on": len(batch)})
+    # The training store's signature no longer matches the new thresholds, and this job has no key:
+    # the directory is now unsigned (and says so), never signed with a stale signature.
+    signed = (Path(model_dir) / SIGNATURE).is_file()
+    (Path(model_dir) / SIGNATURE).unlink(missing_ok=True)
+    unsigned = ["the model is no longer signed by its training store (recalibration changed it)"]
     return RecalibrationResult(
         records=tuple(records),
         threshold_before=float(before.threshold),
@@ -307,5 +315,5 @@ def recalibrate_job(
         fpr=cal.fpr,
         fpr_interval=fpr_interval(cal.n_val, cal.fpr),
         model_hash=model_hash(model_dir),
-        warnings=tuple(calibration_warnings(cal)),
+        warnings=tuple(calibration_warnings(cal)) + tuple(unsigned if signed else ()),
     )

@@ -143,7 +143,7 @@ def _write_model_dir(
 ) -> TrainedModel:
     """Save the trained model, calibrate it on the held-out rows, and describe the result."""
     from medvae.anomaly.calibration import calibrate, calibration_warnings
-    from medvae.vae.artifacts import model_hash, save_model_dir, write_json, write_tensors
+    from medvae.vae.artifacts import model_hash, save_model_dir, sign, write_json, write_tensors
 
     dataset = {
         "store": store.uri,
@@ -177,6 +177,9 @@ def _write_model_dir(
     write_json(out_dir, "calibration.json", cal_json)
     write_tensors(out_dir, "calibration.safetensors", cal_tensors)
     _write_sampler(out_dir, result.model, data, cfg.seed)
+    # Last: keyed by the training store's secret, so a swapped weight file or an edited threshold is
+    # refused by anyone who holds the store (augment, the pipeline's screen).
+    sign(out_dir, store.key())
     return TrainedModel(
         model_dir=str(out_dir),
         model_hash=model_hash(out_dir),

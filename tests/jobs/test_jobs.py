@@ -60,3 +60,43 @@ def test_screen_prepares_new_scans_exactly_like_the_training_store(tmp_path: Pat
     records, _ = screen_files(plain, [(str(p), None) for p in paths])
     plain_scores = {Path(r.file).name: r.scores["score"] for r in records}
     assert not np.allclose([plain_scores[p.name] for p in paths], expected, rtol=1e-3)
+
+
+def test_trained_models_are_signed_and_a_tampered_one_is_refused(tmp_path: Path) -> None:
+    """Training signs with the store's key; augment refuses an edited threshold whose hash was redone."""
+    import json
+
+    from medvae.config import AugmentConfig
+    from medvae.jobs.augment import generate_synthetic
+    from medvae.jobs.screen import recalibrate_job
+    from medvae.vae.artifacts import SIGNATURE, finalize, load_model
+
+    _scans(tmp_path / "src")
+    store = Store(tmp_path / "store")
+    ingest([tmp_path / "src"], store, IngestConfig(workers=1))
+    tiny = TrainConfig(
+        model=ModelConfig(channels=(8, 16), latent_dim=4), epochs=1, batch_size=8, patience=1, device="cpu"
+    )
+    model = tmp_path / "model"
+    train_job(store.uri, model, tiny, progress=False)
+    assert load_model(model, key=store.key()).signature == "verified"
+    generate_synthetic(model, store.uri, AugmentConfig(count=2))  # the genuine model is accepted
+
+    # What an attacker with write access does: raise the threshold (nothing flagged) and redo the hash.
+    cal = json.loads((model / "calibration.json").read_text())
+    tampered = tmp_path / "tampered"
+    tampered.mkdir()
+    for f in model.iterdir():
+        if f.is_file():
+            (tampered / f.name).write_bytes(f.read_bytes())
+    (tampered / "calibration.json").write_text(json.dumps({**cal, "threshold": 1e9}))
+    finalize(tampered)
+    load_model(tampered)  # the hash alone cannot tell
+    with pytest.raises(ValueError, match="files changed after it was signed"):
+        generate_synthetic(tampered, store.uri, AugmentConfig(count=2))
+
+    # Recalibration changes the thresholds legitimately: the stale signature is removed and said so.
+    res = recalibrate_job(model, [tmp_path / "src"])
+    assert not (model / SIGNATURE).exists()
+    assert any("no longer signed" in w for w in res.warnings)
+    assert load_model(model, key=store.key()).signature == "unsigned"
