@@ -223,7 +223,7 @@ def sample_pictures(model_dir: Path, out_dir: Path, *, seed: int = 0, label: str
     from medvae.synth.sample import sample_images
     from medvae.vae.artifacts import load_model
 
-    loaded = load_model(model_dir, key=Store(store_uri).key(create=False))
+    loaded = load_model(model_dir)
     cfg = AugmentConfig(count=32 * max(1, len(loaded.label_names)), label=label, seed=seed)
     draws = _with_seeds(plan_draws(loaded.label_names, loaded.cfg.model.conditional, cfg), seed)
     paths = []
