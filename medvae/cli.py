@@ -168,6 +168,8 @@ def ingest(
         raced = sum(1 for f in rep.files if f.reason == COMMITTED_CONCURRENTLY)
         extra = f"; {raced} files were committed by a concurrent ingest" if raced else ""
         note(f"wrote {rep.rows_added} rows to {where}{extra}")
+        for w in rep.warnings:
+            warn(w)
         say(summary.line())
         if summary.seen == 0:
             _fail("no files found in the given sources", FileNotFoundError(str(sources)))

@@ -101,6 +101,12 @@ class IngestConfig(_Frozen):
     )
     workers: int = Field(0, ge=0, description="Decoder processes; 0 means one per core.")
 
+    @field_validator("burned_in_text", mode="before")
+    @classmethod
+    def _off_word(cls, v: Any) -> Any:
+        # YAML reads a bare off as False: `--set burned_in_text=off` must still mean "off".
+        return "off" if v is False else v
+
     @field_validator("split_fractions")
     @classmethod
     def _fractions_sum_to_one(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:

@@ -59,6 +59,7 @@ class IngestReport:
     files: list[FileResult]
     version: int | None
     store: str
+    warnings: list[str] = field(default_factory=list)  # what the operator should know (no label values)
 
     @property
     def counts(self) -> dict[str, int]:
@@ -80,6 +81,7 @@ class IngestReport:
             "version": self.version,
             "counts": self.counts,
             "rows_added": self.rows_added,
+            "warnings": self.warnings,
             "files": [
                 {"path": f.path, "status": f.status, "reason": f.reason, "ids": f.ids} for f in self.files
             ],
@@ -570,7 +572,7 @@ def commit_ingest(
 
     _skip_batch_duplicates(results)
     rows = _rows_to_commit(results, extra_rows)
-    report = IngestReport(results, None, store.uri)
+    report = IngestReport(results, None, store.uri, _label_warnings(rows))
     base: dict[str, Any] = {}
     if rows.num_rows:  # lineage runs git: only for a version that will be written
         reasons = Counter((r.reason or "").split(":")[0] for r in results if r.status == REJECTED)
@@ -590,6 +592,16 @@ def commit_ingest(
     report.files = _as_committed(results, committed.ids if committed is not None else frozenset())
     report.version = committed.version if committed is not None else None
     return report
+
+
+def _label_warnings(rows: pa.Table) -> list[str]:
+    """Warn when this batch's labels look like one per patient (folder names of a PACS export)."""
+    from medvae.data.labels import labels_per_patient_warning
+
+    if not rows.num_rows:
+        return []
+    w = labels_per_patient_warning(rows.column("label").to_pylist(), rows.column("patient_key").to_pylist())
+    return [w] if w else []
 
 
 def _skip_batch_duplicates(results: list[FileResult]) -> None:

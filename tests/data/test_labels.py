@@ -113,3 +113,33 @@ def test_labels_per_patient_warning() -> None:
     # Few labels never warn, and rows without a patient key are left out.
     assert labels_per_patient_warning(["a", "b", "c"], ["p1", "p2", "p3"]) is None
     assert labels_per_patient_warning([f"L{i}" for i in range(20)], [None] * 20) is None
+
+
+def test_ingest_warns_when_folder_labels_are_one_per_patient(tmp_path: Path) -> None:
+    """The CLI says so (without a label value) when each folder holds one patient; class folders do not."""
+    import json
+
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from medvae.cli import app
+
+    rng = np.random.default_rng(0)
+
+    def tree(root: Path, folder_of: dict[int, str]) -> None:
+        for i, folder in folder_of.items():
+            p = root / folder / f"IM-{i:04d}-0001.png"
+            p.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 255, (40, 40), dtype=np.uint8)).save(p)
+
+    tree(tmp_path / "pacs", {i: f"SMITH_ANNA_{i:03d}" for i in range(12)})
+    tree(tmp_path / "classes", {i: ("normal", "pneumonia")[i % 2] for i in range(12)})
+    runner = CliRunner()
+    for name, expect in (("pacs", True), ("classes", False)):
+        report = tmp_path / f"{name}.json"
+        args = ["ingest", str(tmp_path / name), "--store", str(tmp_path / f"s_{name}"), "--workers", "1"]
+        res = runner.invoke(app, [*args, "--set", "burned_in_text=off", "--report", str(report)])
+        assert res.exit_code == 0, res.output
+        assert ("labels look like one per patient" in res.output) is expect, res.output
+        assert "SMITH" not in res.output
+        assert bool(json.loads(report.read_text())["warnings"]) is expect
