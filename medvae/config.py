@@ -347,12 +347,15 @@ class EvaluateConfig(_Frozen):
         description="Decoding of ImageFolder sources (window, aspect, size). Its intensity is not used: "
         "`intensity` below decides, so that an ablation changes one knob.",
     )
+    # The ingest defaults, read from IngestConfig so that they are written down once.
     intensity: Intensity = Field(
-        "clahe",
+        IngestConfig.model_fields["intensity"].default,
         description="Per-image intensity standardisation of every loaded image (the ingest default). A store "
         "whose images were standardised at ingest is never standardised twice.",
     )
-    clahe_clip_limit: float = Field(0.01, gt=0, le=1, description="CLAHE clip limit.")
+    clahe_clip_limit: float = Field(
+        IngestConfig.model_fields["clahe_clip_limit"].default, gt=0, le=1, description="CLAHE clip limit."
+    )
     anomaly: TrainConfig = Field(
         default_factory=TrainConfig, description="The anomaly VAE, trained on normals only (shipped default)."
     )
@@ -427,7 +430,8 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
 def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
     """Turn CLI overrides like ``train.epochs=3`` into a nested dict.
 
-    Values are parsed as YAML scalars, so ``3`` is an int, ``true`` a bool and ``[1,2]`` a list.
+    Values are parsed as YAML scalars, so ``3`` is an int, ``true`` a bool and ``[1,2]`` a list; a value
+    that is not YAML (``schedule=* * * * *``) is taken as the string it is.
 
     Args:
         pairs: strings of the form ``dotted.key=value``.
@@ -445,8 +449,10 @@ def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
         key, raw = pair.split("=", 1)
         try:
             value = yaml.safe_load(raw)
-        except yaml.YAMLError as exc:  # a parser traceback would hide which override was wrong
-            raise ValueError(f"override {pair!r}: {_yaml_problem(exc)}; quote the value or fix it") from exc
+        except yaml.YAMLError:
+            # Not YAML (a cron "* * * * *", a regex with brackets): the text itself is the value, as a
+            # shell user means it; validation then says, with the key, if a string does not fit.
+            value = raw
         _set_dotted(tree, key.strip(), value)
     return tree
 

@@ -26,6 +26,11 @@ def test_overrides_parse_yaml_scalars() -> None:
     }
     with pytest.raises(ValueError, match="key=value"):
         parse_overrides(["epochs"])
+    # Not YAML (an alias marker, an unclosed bracket): the literal text, which validation then judges.
+    assert parse_overrides(["schedule=* * * * *", "patient_regex=^(ab"]) == {
+        "schedule": "* * * * *",
+        "patient_regex": "^(ab",
+    }
 
 
 def test_yaml_then_overrides(tmp_path: Path) -> None:

@@ -516,19 +516,7 @@ def _decode_dicom_checked(data: bytes, cfg: IngestConfig) -> list[DecodedImage]:
     modality = defined_term("modality", ds.get("Modality"))
 
     if not any(kw in ds for kw in _PIXEL_DATA_KEYWORDS):
-        if _sop_class_uid(ds) is None and ds.get("Modality") is None:
-            # Nothing says what this is, so it is not a well-formed non-image object (an SR names its SOP
-            # class): most often a file cut short after its header, or a preamble and "DICM" and nothing.
-            raise RejectedInput(
-                f"no pixel data, SOP Class UID or Modality ({len(ds)} data elements parsed): "
-                "the data set is empty or the file is truncated"
-            )
-        what = sop_name or (f"Modality {modality}" if modality else "this object (of an unknown class)")
-        if sop_name and "Image" in sop_name:
-            raise RejectedInput(
-                f"no pixel data although {sop_name} is an image class: the file is probably truncated"
-            )
-        raise RejectedInput(f"no pixel data: {what} is not an image (e.g. structured report)")
+        _reject_without_pixels(ds, sop_name, modality)
     _check_scan_policy(ds, sop_name, modality)
     _check_image_pixel_vrs(ds)
 
@@ -564,11 +552,44 @@ def _decode_dicom_checked(data: bytes, cfg: IngestConfig) -> list[DecodedImage]:
     raw_frames = _decode_frames(ds, ts, frames, n_frames)
     signed_codestream = _j2k_signed_despite_header(ds, ts, n_frames, photometric)
     meta_base = _dicom_meta(ds, ts, sop_name, modality, photometric, rows, cols)
+    return _frames_to_images(
+        ds, frames, raw_frames, (rows, cols, spp, n_frames), photometric, signed_codestream, meta_base, cfg
+    )
+
+
+def _reject_without_pixels(ds: Dataset, sop_name: str | None, modality: str | None) -> None:
+    """Raise the reason a data set without pixel data is not ingested."""
+    if _sop_class_uid(ds) is None and ds.get("Modality") is None:
+        # Nothing says what this is, so it is not a well-formed non-image object (an SR names its SOP
+        # class): most often a file cut short after its header, or a preamble and "DICM" and nothing.
+        raise RejectedInput(
+            f"no pixel data, SOP Class UID or Modality ({len(ds)} data elements parsed): "
+            "the data set is empty or the file is truncated"
+        )
+    what = sop_name or (f"Modality {modality}" if modality else "this object (of an unknown class)")
+    if sop_name and "Image" in sop_name:
+        raise RejectedInput(
+            f"no pixel data although {sop_name} is an image class: the file is probably truncated"
+        )
+    raise RejectedInput(f"no pixel data: {what} is not an image (e.g. structured report)")
+
+
+def _frames_to_images(
+    ds: Dataset,
+    frames: list[int],
+    raw_frames: list[np.ndarray],
+    shape: tuple[int, int, int, int],
+    photometric: str,
+    signed_codestream: bool,
+    meta_base: dict[str, Any],
+    cfg: IngestConfig,
+) -> list[DecodedImage]:
+    """The decoded frames as grey images, each checked against the declared shape."""
+    rows, cols, spp, n_frames = shape
     patient_id = ds.get("PatientID")
     # Not _text(): an identifier must never be shortened (two long IDs could collide after hashing).
     patient_ref = (str(patient_id).strip().strip("\x00").strip() or None) if patient_id is not None else None
     identifiers = _identifiers(ds)
-
     out: list[DecodedImage] = []
     for frame_index, raw in zip(frames, raw_frames, strict=True):
         expected = (rows, cols) if spp == 1 else (rows, cols, 3)

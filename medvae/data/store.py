@@ -670,18 +670,9 @@ class Store:
             if new.num_rows == 0:
                 return None
             ids = frozenset(new.column("id").to_pylist())
-            m = _resolve_meta(meta, ids, rows.num_rows)
-            (
-                dt.merge(
-                    new,
-                    predicate="t.id = s.id",
-                    source_alias="s",
-                    target_alias="t",
-                    commit_properties=self._commit(m),
-                )
-                .when_not_matched_insert_all()
-                .execute()
-            )
+            self._merge_on_id(
+                dt, new, _resolve_meta(meta, ids, rows.num_rows)
+            ).when_not_matched_insert_all().execute()
             return ids
 
         return self._merge_retrying(attempt)
@@ -723,23 +714,23 @@ class Store:
         updates = {c: f"s.{c}" for c in update_columns}
 
         def attempt(dt: DeltaTable) -> frozenset[str]:
-            (
-                dt.merge(
-                    rows,
-                    predicate="t.id = s.id",
-                    source_alias="s",
-                    target_alias="t",
-                    commit_properties=self._commit(meta),
-                )
-                .when_matched_update(updates=updates)
-                .when_not_matched_insert_all()
-                .execute()
-            )
+            merge = self._merge_on_id(dt, rows, meta)
+            merge.when_matched_update(updates=updates).when_not_matched_insert_all().execute()
             return frozenset(rows.column("id").to_pylist())
 
         committed = self._merge_retrying(attempt)
         assert committed is not None  # attempt() always writes
         return int(committed)
+
+    def _merge_on_id(self, dt: DeltaTable, rows: pa.Table, meta: dict[str, Any]) -> Any:
+        """A merge of ``rows`` (source ``s``) into ``dt`` (target ``t``) on ``id``, committing ``meta``."""
+        return dt.merge(
+            rows,
+            predicate="t.id = s.id",
+            source_alias="s",
+            target_alias="t",
+            commit_properties=self._commit(meta),
+        )
 
     def _merge_retrying(self, attempt: Callable[[DeltaTable], frozenset[str] | None]) -> Committed | None:
         """Run ``attempt`` on a fresh snapshot until its merge commits; a concurrent writer's commit
