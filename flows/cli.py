@@ -28,7 +28,7 @@ def serve(
         bool, typer.Option("--ui/--no-ui", help="Serve Prefect's web UI too (local server only).")
     ] = True,
 ) -> None:
-    """Run the pipeline on the config's cron schedule until stopped (Ctrl-C).
+    """Run the pipeline on the config's cron schedule until stopped (Ctrl-C or SIGTERM).
 
     With PREFECT_API_URL set, the deployment is served against that Prefect server. Otherwise medvae
     starts and supervises its own local server (SQLite under ~/.medvae/prefect, or MEDVAE_PREFECT_HOME),
@@ -48,10 +48,29 @@ def serve(
         with local_server(ui=ui) as api_url:
             _serve(cfg, name, api_url)
 
+    code = 0
     try:
         run_cli(body)
     except KeyboardInterrupt:
         note("stopped")
+    except SystemExit as exc:  # Prefect's runner answers SIGTERM with sys.exit(0) after stopping
+        code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+        note("stopped")
+    _exit_now(code)
+
+
+def _exit_now(code: int) -> None:
+    """End the process now that serving has stopped (and the local server is down).
+
+    Prefect's log and event workers are threads that keep retrying the API at interpreter exit: after a
+    SIGTERM (systemd, docker stop) the process was measured still alive, retrying a stopped server,
+    indefinitely. Everything medvae writes is committed before a run finishes, so nothing is lost.
+    """
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _serve(cfg: object, name: str, api_url: str) -> None:
