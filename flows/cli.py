@@ -80,6 +80,9 @@ def _serve(cfg: object, name: str, api_url: str) -> None:
 
     assert isinstance(cfg, PipelineConfig)
     os.environ["PREFECT_API_URL"] = api_url  # the flow-run subprocesses the runner starts read it
+    from flows.pipeline import SERVED_ENV
+
+    os.environ[SERVED_ENV] = str(os.getpid())  # ... and this: they end when the runner dies
     with temporary_settings(updates={PREFECT_API_URL: api_url}):
         from flows.pipeline import pipeline_flow
 

@@ -6,6 +6,7 @@ with retries and a timeout, and publishes the run's figures as artifacts.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,9 @@ from flows.train import train_task
 from medvae.config import PipelineConfig
 from medvae.jobs.pipeline import Steps, run_pipeline
 from medvae.jobs.results import AugmentResult, IngestSummary, PipelineResult, ScoredRows, TrainedModel
+
+# Set by `medvae serve` for the flow-run subprocesses its runner starts (flows.cli).
+SERVED_ENV = "MEDVAE_SERVED_BY_PID"
 
 LOCAL = Steps()
 
@@ -74,6 +78,11 @@ class PrefectSteps(Steps):
 @flow(name="medvae-pipeline", log_prints=True, timeout_seconds=12 * 3600)
 def pipeline_flow(config: dict[str, Any] | None = None) -> PipelineResult:
     """The scheduled job: ingest new scans, retrain, synthesise, screen, and write one new version."""
+    if os.environ.get(SERVED_ENV):
+        # A flow-run subprocess of `medvae serve`'s runner: it must not outlive the runner.
+        from medvae._pool import die_with_parent
+
+        die_with_parent()
     res = run_pipeline(PipelineConfig.model_validate(config or {}), PrefectSteps())
     create_table_artifact(
         key="medvae-pipeline",

@@ -120,6 +120,16 @@ def _arm(parent: int) -> _Guard:
     return _Guard(parent)
 
 
+def die_with_parent() -> None:
+    """Arm this process's parent-death guards: it exits within about a second of its parent's death.
+
+    For a process that medvae did not start itself, e.g. the flow-run subprocess Prefect's runner spawns
+    for each scheduled run: killed with ``medvae serve`` (SIGKILL, the OOM killer), the runner cannot
+    stop it, and it was measured still training minutes later.
+    """
+    _arm(os.getppid())
+
+
 def _start_worker(guard: _Guard, initializer: Callable[..., None] | None, initargs: tuple[Any, ...]) -> None:
     """Pin BLAS to one thread for the worker's life, then run the caller's initializer."""
     from threadpoolctl import threadpool_limits

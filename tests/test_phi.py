@@ -134,6 +134,22 @@ def phi_run(tmp_path_factory: pytest.TempPathFactory) -> PhiRun:
     ds = pydicom.dcmread(next(dicom_src.rglob("*.dcm")))
     ds.BurnedInAnnotation = "YES"
     ds.save_as(burned_dir / "scan.dcm")
+    # Free text in allow-listed fields (kept only when a defined term) and in PhotometricInterpretation
+    # (which rejects the file): neither may reach the store, a reason or the console.
+    free_dir = base / "free_text"
+    free_dir.mkdir()
+    free = {
+        "PHIBODYPART0071": "BodyPartExamined (allow-listed)",
+        "PHIVIEWPOS0072": "ViewPosition (allow-listed)",
+        "PHIPHOTOMETRIC0073": "PhotometricInterpretation",
+    }
+    planted.update(free)
+    allowed = pydicom.dcmread(next(dicom_src.rglob("*.dcm")))
+    allowed.BodyPartExamined, allowed.ViewPosition = "PHIBODYPART0071", "PHIVIEWPOS0072"
+    allowed.save_as(free_dir / "allowed.dcm")
+    photometric = pydicom.dcmread(next(dicom_src.rglob("*.dcm")))
+    photometric.PhotometricInterpretation = "PHIPHOTOMETRIC0073"
+    photometric.save_as(free_dir / "photometric.dcm")
 
     store, export = base / "store", base / "export"
     reports = [base / "reports" / "dicom.json", base / "reports" / "images.json"]
@@ -186,6 +202,10 @@ def phi_run(tmp_path_factory: pytest.TempPathFactory) -> PhiRun:
                 "--workers",
                 "1",
             ],
+        )
+        step(
+            "ingest free text",
+            ["ingest", str(free_dir), "--store", str(store), "--no-labels", "--workers", "1"],
         )
         step(
             "ingest burned",
@@ -316,7 +336,9 @@ def test_ingest_export_versions_succeed(phi_run: PhiRun) -> None:
     assert dicom_report["counts"] == {"seen": N_DICOM, "ingested": N_DICOM, "rejected": 0, "skipped": 0}
     assert image_report["counts"] == {"seen": 2, "ingested": 2, "rejected": 0, "skipped": 0}
     history = json.loads(phi_run.versions_out)
-    assert [h["rows"] for h in history] == [N_DICOM, N_DICOM + 2]
+    # The allow-listed free text is dropped and the file kept; the bad PhotometricInterpretation rejects it.
+    assert "ingested 1, rejected 1, skipped 0" in phi_run.outputs["ingest free text"]
+    assert [h["rows"] for h in history] == [N_DICOM, N_DICOM + 2, N_DICOM + 3]
 
 
 def test_train_augment_screen_succeed(phi_run: PhiRun) -> None:

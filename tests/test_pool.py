@@ -131,3 +131,29 @@ def _worker_info(_: int) -> dict[str, object]:
 
     threads = {int(i["num_threads"]) for i in threadpool_info()} or {1}
     return {"parent_ok": _STATE.get("parent") == os.getppid(), "blas": max(threads)}
+
+
+def test_a_process_that_arms_die_with_parent_ends_when_its_parent_is_killed() -> None:
+    """What a `medvae serve` flow run does: it ends within seconds of a SIGKILL of its runner."""
+    child = "from medvae._pool import die_with_parent; die_with_parent(); import time; time.sleep(120)"
+    parent = (
+        "import subprocess, sys, time\n"
+        f"p = subprocess.Popen([sys.executable, '-c', {child!r}])\n"
+        "print(p.pid, flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    grandchild = int(proc.stdout.readline())
+    time.sleep(3)  # let it import medvae and arm the guards
+    assert Path(f"/proc/{grandchild}").exists()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{grandchild}").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    gone = (
+        not Path(f"/proc/{grandchild}").exists()
+        or "Z" in Path(f"/proc/{grandchild}/stat").read_text().split()[2]
+    )
+    assert gone, "the process outlived its killed parent"
