@@ -15,6 +15,12 @@ Usage: python benchmarks/burned_in_text.py [--kermany DIR] [--nih DIR] [--limit 
   the same run (the figure that survives a busy machine).
 
 With ``--ocr`` (and tesseract installed), the OCR second opinion is measured the same way.
+
+Measured (2026-12-01, 2-core VM, ``uv run python benchmarks/burned_in_text.py --limit 1500 --catch 200``):
+
+* flag rate: Kermany 0/1500 (0.00 %), NIH 64×64 2/1000 (0.20 %);
+* catch rate of drawn text at 64×64: 3 px 175/200, 4 px 192/200, 6 px 197/200, 8 px 199/200;
+* cost: 2.07 ms per Kermany image, 2.3× its decode time (0.88 ms) in the same run.
 """
 
 from __future__ import annotations
