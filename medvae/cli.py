@@ -410,7 +410,7 @@ def augment(
         if res.dicom_dir:
             say(f"wrote {res.dicom_files} DICOM files to {res.dicom_dir}")
         if pictures is not None:
-            for p in sample_pictures(model, pictures, seed=cfg.seed, label=cfg.label):
+            for p in sample_pictures(model, pictures, seed=cfg.seed, label=cfg.label, how=cfg):
                 say(f"wrote {p}")
 
     run_cli(body)

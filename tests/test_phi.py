@@ -366,9 +366,10 @@ def test_csv_labels_replace_phi_folder_names(phi_run: PhiRun) -> None:
     assert phi_run.exit_codes["export"] == 0, phi_run.outputs["export"]
     with (phi_run.export / "manifest.csv").open(newline="", encoding="utf-8") as fh:
         labels = Counter(row["label"] for row in csv.DictReader(fh))
-    assert labels == Counter({DICOM_LABEL: N_DICOM}) + Counter(IMAGE_LABELS)
+    # Plus the free-text DICOM, ingested with --no-labels: an empty label cell, the unlabelled folder.
+    assert labels == Counter({DICOM_LABEL: N_DICOM, "": 1}) + Counter(IMAGE_LABELS)
     folders = {p.name for p in phi_run.export.iterdir() if p.is_dir()}
-    assert folders == {DICOM_LABEL, *IMAGE_LABELS}
+    assert folders == {DICOM_LABEL, *IMAGE_LABELS, "unlabelled"}
 
 
 def test_no_planted_phi_in_store_or_export(phi_run: PhiRun) -> None:

@@ -261,9 +261,11 @@ def load_dataset(
     Raises:
         FileNotFoundError: when the source is neither a store nor a folder.
     """
-    from medvae.data.store import Store
+    from medvae.data.store import Store, is_local
 
-    if Store(str(source)).exists():
+    # A local folder without a Delta log is an ImageFolder (Store.exists() refuses such a folder).
+    folder = is_local(str(source)) and Path(source).is_dir() and not (Path(source) / "_delta_log").is_dir()
+    if not folder and Store(str(source)).exists():
         data = load_store(str(source), store_version)
         version = Store(str(source)).table(store_version).version()
         info = {"kind": "store", "uri": str(source), "version": version, "rejected": []}

@@ -92,9 +92,10 @@ def generate_synthetic(model_dir: Path, store_uri: str, cfg: AugmentConfig) -> t
     """
     from medvae.synth.privacy import privacy_filter, privacy_threshold
     from medvae.synth.sample import sample_images
-    from medvae.vae.artifacts import load_model
+    from medvae.vae.artifacts import load_model, store_key
 
-    loaded = load_model(model_dir, key=Store(store_uri).key(create=False))
+    # The signature is checked when the store has a key (a store that has none fails below anyway).
+    loaded = load_model(model_dir, key=store_key(store_uri))
     draws = _with_seeds(plan_draws(loaded.label_names, loaded.cfg.model.conditional, cfg), cfg.seed)
     sampler = _sampler(model_dir, cfg)
     train = _privacy_reference(loaded.meta.get("dataset", {}), store_uri)
@@ -214,17 +215,29 @@ def _stage_dicoms(rows: pa.Table, cfg: AugmentConfig, model_hash: str) -> Any:
     )
 
 
-def sample_pictures(model_dir: Path, out_dir: Path, *, seed: int = 0, label: str | None = None) -> list[str]:
+def sample_pictures(
+    model_dir: Path,
+    out_dir: Path,
+    *,
+    seed: int = 0,
+    label: str | None = None,
+    how: AugmentConfig | None = None,
+) -> list[str]:
     """Grids of synthetic samples, one per label the model can sample (or the one asked for).
 
     Only synthetic images: real scans (and any text burned into them) never go into these pictures.
+    ``how`` gives the sampler and temperature (default: AugmentConfig's), so that the pictures show
+    what augment commits.
     """
     from medvae.synth.pictures import save_grid
     from medvae.synth.sample import sample_images
     from medvae.vae.artifacts import load_model
 
     loaded = load_model(model_dir)
-    cfg = AugmentConfig(count=32 * max(1, len(loaded.label_names)), label=label, seed=seed)
+    base = how or AugmentConfig()
+    cfg = base.model_copy(
+        update={"count": 32 * max(1, len(loaded.label_names)), "label": label, "seed": seed}
+    )
     draws = _with_seeds(plan_draws(loaded.label_names, loaded.cfg.model.conditional, cfg), seed)
     paths = []
     sampler = _sampler(model_dir, cfg)
@@ -233,7 +246,8 @@ def sample_pictures(model_dir: Path, out_dir: Path, *, seed: int = 0, label: str
             loaded.model, 32, label_index=draw.label_index, seed=draw.seed, sampler=sampler
         )
         name = f"samples_{draw.label}.png" if draw.label else "samples.png"
-        caption = f"synthetic · label {draw.label or '-'} · model {loaded.hash[:12]} · seed {draw.seed}"
+        caption = f"synthetic · label {draw.label or '-'} · {cfg.sampler} sampler · model {loaded.hash[:12]}"
+        caption += f" · seed {draw.seed}"
         paths.append(str(save_grid(images, out_dir / _safe(name), caption=caption)))
     return paths
 

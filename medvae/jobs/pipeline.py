@@ -102,7 +102,10 @@ class Steps:
         from medvae.jobs.augment import sample_pictures
 
         return sample_pictures(
-            Path(trained.model_dir), Path(trained.model_dir) / "pictures", seed=cfg.augment.seed
+            Path(trained.model_dir),
+            Path(trained.model_dir) / "pictures",
+            seed=cfg.augment.seed,
+            how=cfg.augment,
         )
 
 
