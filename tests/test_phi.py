@@ -24,6 +24,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pydicom
@@ -576,3 +577,48 @@ def test_no_planted_phi_in_prefect_artifacts_or_logs(
     leaks += scanner.scan_text("\n".join(logs), "prefect flow-run logs")
     leaks += scan_for_phi({"store": store}, phi_run.planted)
     assert not leaks, _format_leaks(leaks, phi_run.planted)
+
+
+def test_no_planted_phi_in_evaluate_outputs(tmp_path: Path) -> None:
+    """`medvae evaluate` on an ImageFolder whose file names and PNG text carry PHI: its metrics, report,
+    pictures and console show none of it (labels are the class folders; the root may appear)."""
+    from PIL import Image as PILImage
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:64, 0:64]
+    root = tmp_path / "eval_src"
+    planted: set[str] = set()
+    for label in ("normal", "abnormal"):
+        (root / label).mkdir(parents=True)
+        for i in range(24):
+            base = (
+                0.5 + 0.3 * np.sin(xx / 5.0 + i)
+                if label == "normal"
+                else 0.3 + 0.5 * (((xx // 8) + (yy // 8)) % 2)
+            )
+            img = np.clip(base + rng.normal(0, 0.05, base.shape), 0, 1)
+            tag = f"PHIEVAL{label[:3].upper()}{i:03d}DOE"
+            planted.add(tag)
+            info = PngInfo()
+            info.add_text("Comment", f"PHIEVALTEXT{label}{i:03d}")
+            planted.add(f"PHIEVALTEXT{label}{i:03d}")
+            # Two images per patient (the IM-NNNN key), the rest of the name is PHI.
+            name = f"IM-{i // 2 + (0 if label == 'normal' else 500):04d}-{i % 2 + 1:04d}_{tag}.png"
+            PILImage.fromarray((img * 255).astype(np.uint8)).save(root / label / name, pnginfo=info)
+    # A file that cannot be decoded: the operator's console names it (bad input is reported by name);
+    # the shared metrics.json and report.html give only its reason.
+    (root / "normal" / "IM-0900-0001_PHIEVALBROKEN01.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    tiny = {"model": {"channels": [8, 16], "latent_dim": 4}, "epochs": 1, "batch_size": 16, "patience": 1}
+    args = ["evaluate", str(root), "--out", str(tmp_path / "out"), "--seeds", "0", "--device", "cpu"]
+    for stage in ("anomaly", "generator"):
+        for key, value in tiny.items():
+            args += ["--set", f"{stage}.{key}={json.dumps(value)}"]
+    args += ["--set", "generator.model.conditional=true", "--set", "classifier_epochs=1"]
+    args += ["--set", "label_fractions=[0.5]", "--set", "pictures=4", "--set", "workers=1"]
+    code, output = _invoke(CliRunner(), args, False)
+    assert code == 0, output
+    assert (tmp_path / "out" / "report.html").is_file()
+    assert "PHIEVALBROKEN01" in output  # named to the operator
+    leaks = PhiScanner(planted | {"PHIEVALBROKEN01"}).scan_tree(tmp_path / "out", "evaluate out")
+    leaks += PhiScanner(planted).scan_text(output, "evaluate", "console")
+    assert not leaks, _format_leaks(leaks, {p: "evaluate input" for p in planted})

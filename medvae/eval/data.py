@@ -20,7 +20,7 @@ from medvae.data.deid import patient_from_name
 from medvae.data.splits import SPLITS, check_no_leak, merge_duplicate_groups, patient_split
 
 _IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".dcm", ".dicom"})
-_CACHE_FORMAT = "medvae.eval-cache/1"
+_CACHE_FORMAT = "medvae.eval-cache/2"  # 2: the cache holds no file names
 
 
 @dataclass(eq=False)
@@ -132,7 +132,10 @@ def load_image_folder(
         workers: decoder processes; 0: one per core.
 
     Returns:
-        The images, and ``(relative path, reason)`` for every file that could not be decoded.
+        The images, and ``(relative path, reason)`` for every file that could not be decoded (for the
+        operator's console only). An image's name is ``file-K``, its position in the sorted walk: file
+        and folder names below the root may be patient names, and names reach metrics.json and the
+        report, which are shared.
     """
     cfg = ingest_cfg or IngestConfig()
     root = Path(root)
@@ -143,15 +146,15 @@ def load_image_folder(
     groups: list[str] = []
     names: list[str] = []
     rejected: list[tuple[str, str]] = []
-    for (path, label), (img, reason) in zip(files, results, strict=True):
+    for k, ((path, label), (img, reason)) in enumerate(zip(files, results, strict=True)):
         rel = path.relative_to(root).as_posix()
         if img is None:
             rejected.append((rel, reason or "unknown"))
             continue
         imgs.append(img)
         labels.append(label)
-        groups.append(patient_from_name(path.name, cfg.patient_regex) or f"image:{rel}")
-        names.append(rel)
+        groups.append(patient_from_name(path.name, cfg.patient_regex) or f"image:{k}")
+        names.append(f"file-{k}")
     data = LabelledImages(
         images=np.stack(imgs) if imgs else np.zeros((0, cfg.size, cfg.size), np.uint8),
         labels=np.array(labels, dtype=str),
@@ -217,14 +220,22 @@ def _folder_signature(root: Path, cfg: IngestConfig) -> str:
     return h.hexdigest()
 
 
-def _read_cache(cache: Path) -> tuple[LabelledImages, list[tuple[str, str]]]:
+def _walk_names(root: Path) -> list[str]:
+    return [p.relative_to(root).as_posix() for p, _ in list_image_folder(root)]
+
+
+def _read_cache(cache: Path, root: Path) -> tuple[LabelledImages, list[tuple[str, str]]]:
     with np.load(cache, allow_pickle=False) as z:
         data = LabelledImages(z["images"], z["labels"], z["groups"], z["names"])
-        rejected = [(str(a), str(b)) for a, b in json.loads(str(z["rejected"]))]
+        # Stored by walk position (the cache holds no file name); the signature pins the walk.
+        names = _walk_names(root)
+        rejected = [(names[int(k)], str(reason)) for k, reason in json.loads(str(z["rejected"]))]
     return data, rejected
 
 
-def _write_cache(cache: Path, data: LabelledImages, rejected: list[tuple[str, str]]) -> None:
+def _write_cache(cache: Path, data: LabelledImages, rejected: list[tuple[str, str]], root: Path) -> None:
+    position = {name: k for k, name in enumerate(_walk_names(root))}
+    rejected_at = [(position[name], reason) for name, reason in rejected]
     buf = io.BytesIO()
     np.savez(
         buf,
@@ -232,7 +243,7 @@ def _write_cache(cache: Path, data: LabelledImages, rejected: list[tuple[str, st
         labels=data.labels,
         groups=data.groups,
         names=data.names,
-        rejected=np.array(json.dumps(rejected)),
+        rejected=np.array(json.dumps(rejected_at)),
     )
     atomic_write_bytes(cache, buf.getvalue())
 
@@ -278,11 +289,11 @@ def load_dataset(
         None if cache_dir is None else cache_dir / f"images-{_folder_signature(root, ingest_cfg)[:16]}.npz"
     )
     if cache is not None and cache.exists():
-        data, rejected = _read_cache(cache)
+        data, rejected = _read_cache(cache, root)
         return data, {"kind": "folder", "path": str(root), "cached": True, "rejected": rejected}
     data, rejected = load_image_folder(root, ingest_cfg=ingest_cfg, workers=workers)
     if cache is not None:
-        _write_cache(cache, data, rejected)
+        _write_cache(cache, data, rejected, root)
     return data, {"kind": "folder", "path": str(root), "cached": False, "rejected": rejected}
 
 

@@ -124,7 +124,10 @@ def build_metrics(
             "n_images": len(ed.x),
             "label_names": sorted(set(ed.source.labels.tolist())),
             "rejected_files": len(rejected),
-            "rejected": [{"name": n, "reason": r} for n, r in rejected],
+            # Reasons only (content-free, see medvae.data.readers); the file names went to the console.
+            "rejected": [
+                {"name": f"rejected file {i + 1}", "reason": r} for i, (_, r) in enumerate(rejected)
+            ],
             "splits": split_table(ed),
             "patients_crossing_splits": 0,  # prepare() raised otherwise
         },
