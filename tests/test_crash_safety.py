@@ -33,16 +33,10 @@ def _check(trials: list[Trial]) -> None:
             assert t.epochs_lost <= 1, f"{where}: {t.epochs_lost} epochs lost on resume"
 
 
-# ingest by default (the command whose pool workers must die with it); train and augment cost a
-# minute more and run with -m slow.
-@pytest.mark.parametrize(
-    "command",
-    [
-        "ingest",
-        pytest.param("train", marks=pytest.mark.slow),
-        pytest.param("augment", marks=pytest.mark.slow),
-    ],
-)
+# The campaign trains and augments once before any kill (~45 s), and each kill re-runs its command: -m slow.
+# The default suite keeps the parent-death check of ingest's pool (tests/test_pool.py) and the audit below.
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["ingest", "train", "augment"])
 def test_killed_command_leaves_store_consistent_and_rerun_completes(
     campaign: Campaign, command: str, tmp_path: Path
 ) -> None:
