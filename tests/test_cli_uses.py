@@ -372,3 +372,15 @@ def test_recalibration_on_local_normals_sets_the_promised_rate_there(
     assert _one_line_error(
         runner.invoke(app, ["recalibrate", str(tmp_path / "tmp" / "0.png"), "--model", str(model)])
     )
+
+
+def test_the_readme_command_table_lists_every_command() -> None:
+    import typer.main
+
+    from flows.cli import app as full_app
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = [ln for ln in readme.splitlines() if ln.startswith("| `medvae ")]
+    listed = {ln.split("`medvae ", 1)[1].split()[0].rstrip("`") for ln in table}
+    commands = set(typer.main.get_command(full_app).commands)  # type: ignore[attr-defined]
+    assert commands == listed, (commands - listed, listed - commands)
