@@ -537,9 +537,11 @@ def test_labels_csv_in_a_phi_folder_does_not_leak_its_path(phi_run: PhiRun, tmp_
 def test_no_planted_phi_in_prefect_artifacts_or_logs(
     prefect_harness: None, phi_run: PhiRun, tmp_path: Path
 ) -> None:
-    """The ingest flow, run under a Prefect server, publishes no PHI in its artifacts or its run logs.
+    """The ingest flow, run under a Prefect server, stores no PHI in Prefect's database: not in its
+    artifacts, its run logs, the flow run's parameters, or its task runs (names, inputs, state messages).
 
-    Exempt: the flow run's *parameters* (the source paths the operator passed, as with ``--report``).
+    The parameters hold the source *roots* the operator passed, which are clean here; the planted names
+    lie below them and must not appear.
     """
     import anyio
     from prefect.client.orchestration import get_client
@@ -558,23 +560,28 @@ def test_no_planted_phi_in_prefect_artifacts_or_logs(
     run_id = state.state_details.flow_run_id
     assert run_id is not None
 
-    async def read() -> tuple[list[str], list[str]]:
+    async def read() -> tuple[list[str], list[str], list[str]]:
         async with get_client() as client:
             runs = FlowRunFilter(id=FlowRunFilterId(any_=[run_id]))
             artifacts = await client.read_artifacts(flow_run_filter=runs)
             logs = await client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
+            flow_run = await client.read_flow_run(run_id)
+            task_runs = await client.read_task_runs(flow_run_filter=runs)
         arts = [json.dumps({"key": a.key, "description": a.description, "data": a.data}) for a in artifacts]
-        return arts, [lg.message for lg in logs]
+        rows = [flow_run.model_dump_json()] + [t.model_dump_json() for t in task_runs]
+        return arts, [lg.message for lg in logs], rows
 
     from prefect.logging.handlers import APILogHandler
 
     APILogHandler().flush()  # run logs are sent in batches: make sure this run's have reached the server
-    artifacts, logs = anyio.run(read)
+    artifacts, logs, run_rows = anyio.run(read)
     assert artifacts and any("medvae ingest" in a for a in artifacts)
+    assert str(phi_run.dicom_src) in run_rows[0] and len(run_rows) > 1  # the parameters, and task runs
     assert any("ingested" in m for m in logs)
     scanner = PhiScanner(phi_run.planted)
     leaks = [lk for i, a in enumerate(artifacts) for lk in scanner.scan_text(a, f"prefect artifact {i}")]
     leaks += scanner.scan_text("\n".join(logs), "prefect flow-run logs")
+    leaks += [lk for i, r in enumerate(run_rows) for lk in scanner.scan_text(r, f"prefect run row {i}")]
     leaks += scan_for_phi({"store": store}, phi_run.planted)
     assert not leaks, _format_leaks(leaks, phi_run.planted)
 
