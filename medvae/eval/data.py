@@ -120,6 +120,7 @@ def load_image_folder(
     *,
     ingest_cfg: IngestConfig | None = None,
     workers: int = 0,
+    files: list[tuple[Path, str]] | None = None,
 ) -> tuple[LabelledImages, list[tuple[str, str]]]:
     """Decode and normalise every image of an ImageFolder tree, exactly as ingest would (unstandardised).
 
@@ -130,6 +131,7 @@ def load_image_folder(
         root: the folder; labels are parent folder names.
         ingest_cfg: decoding and normalisation settings (defaults: 64×64, pad).
         workers: decoder processes; 0: one per core.
+        files: ``list_image_folder(root)``, when the caller has walked the tree already.
 
     Returns:
         The images, and ``(relative path, reason)`` for every file that could not be decoded (for the
@@ -139,7 +141,7 @@ def load_image_folder(
     """
     cfg = ingest_cfg or IngestConfig()
     root = Path(root)
-    files = list_image_folder(root)
+    files = list_image_folder(root) if files is None else files
     results = decode_files([p for p, _ in files], cfg, workers)
     imgs: list[np.ndarray] = []
     labels: list[str] = []
@@ -210,31 +212,28 @@ def stored_intensity(uri: str) -> str:
     return str(settings["intensity"]) if settings else "none"
 
 
-def _folder_signature(root: Path, cfg: IngestConfig) -> str:
+def _folder_signature(root: Path, files: list[tuple[Path, str]], cfg: IngestConfig) -> str:
     h = hashlib.sha256(_CACHE_FORMAT.encode())
     h.update(str(root.resolve()).encode())
     h.update(cfg.model_dump_json().encode())
-    for path, label in list_image_folder(root):
+    for path, label in files:
         st = path.stat()
         h.update(f"{path.relative_to(root).as_posix()}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
 
 
-def _walk_names(root: Path) -> list[str]:
-    return [p.relative_to(root).as_posix() for p, _ in list_image_folder(root)]
-
-
-def _read_cache(cache: Path, root: Path) -> tuple[LabelledImages, list[tuple[str, str]]]:
+def _read_cache(cache: Path, names: list[str]) -> tuple[LabelledImages, list[tuple[str, str]]]:
     with np.load(cache, allow_pickle=False) as z:
         data = LabelledImages(z["images"], z["labels"], z["groups"], z["names"])
-        # Stored by walk position (the cache holds no file name); the signature pins the walk.
-        names = _walk_names(root)
+        # Stored by position in the walk (``names``; the cache holds no file name): the signature pins it.
         rejected = [(names[int(k)], str(reason)) for k, reason in json.loads(str(z["rejected"]))]
     return data, rejected
 
 
-def _write_cache(cache: Path, data: LabelledImages, rejected: list[tuple[str, str]], root: Path) -> None:
-    position = {name: k for k, name in enumerate(_walk_names(root))}
+def _write_cache(
+    cache: Path, data: LabelledImages, rejected: list[tuple[str, str]], names: list[str]
+) -> None:
+    position = {name: k for k, name in enumerate(names)}
     rejected_at = [(position[name], reason) for name, reason in rejected]
     buf = io.BytesIO()
     np.savez(
@@ -285,15 +284,16 @@ def load_dataset(
     root = Path(source)
     if not root.is_dir():
         raise FileNotFoundError(f"{source} is neither a medvae store nor an ImageFolder directory")
-    cache = (
-        None if cache_dir is None else cache_dir / f"images-{_folder_signature(root, ingest_cfg)[:16]}.npz"
-    )
+    files = list_image_folder(root)  # walked once: the cache key, the decode and the cache's positions
+    names = [p.relative_to(root).as_posix() for p, _ in files]
+    signature = _folder_signature(root, files, ingest_cfg)
+    cache = None if cache_dir is None else cache_dir / f"images-{signature[:16]}.npz"
     if cache is not None and cache.exists():
-        data, rejected = _read_cache(cache, root)
+        data, rejected = _read_cache(cache, names)
         return data, {"kind": "folder", "path": str(root), "cached": True, "rejected": rejected}
-    data, rejected = load_image_folder(root, ingest_cfg=ingest_cfg, workers=workers)
+    data, rejected = load_image_folder(root, ingest_cfg=ingest_cfg, workers=workers, files=files)
     if cache is not None:
-        _write_cache(cache, data, rejected, root)
+        _write_cache(cache, data, rejected, names)
     return data, {"kind": "folder", "path": str(root), "cached": False, "rejected": rejected}
 
 
