@@ -42,7 +42,7 @@ from pydicom.uid import (
 )
 
 from medvae.config import IngestConfig
-from medvae.data import readers
+from medvae.data import dicom_reader
 from medvae.data.ingest import FileResult, IngestReport, ingest
 from medvae.data.readers import RejectedInput, decode_bytes
 from medvae.data.store import Store
@@ -353,7 +353,7 @@ def test_size_bombs_are_refused_from_the_header_without_decoding(
         return decoding
 
     monkeypatch.setattr(Image.Image, "load", record("Image.load"))
-    monkeypatch.setattr(readers, "pixel_array", record("pixel_array"))
+    monkeypatch.setattr(dicom_reader, "pixel_array", record("pixel_array"))
     monkeypatch.setattr(Dataset, "pixel_array", property(record("Dataset.pixel_array")))
 
     rss_before_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

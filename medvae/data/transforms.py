@@ -318,6 +318,25 @@ def _check_method(method: str) -> None:
         raise ValueError(f"unknown intensity standardisation {method!r}; expected none, clahe or equalize")
 
 
+def rgb_to_grey(rgb: np.ndarray, max_value: float) -> np.ndarray:
+    """BT.601 luminance of ``rgb / max_value``, in ``[0, 1]``; an image whose channels are all equal
+    stays exact.
+
+    Args:
+        rgb: an ``(..., 3)`` (or RGBA) array of stored values.
+        max_value: the largest value the samples can hold (255 for 8 bits).
+
+    Returns:
+        A float32 array without the last axis.
+    """
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    scale = np.float32(1.0 / max_value)
+    if np.array_equal(r, g) and np.array_equal(g, b):
+        # Grey stored as RGB (common in exported X-rays): skip the weighted sum and its rounding.
+        return np.asarray(r, dtype=np.float32) * scale
+    return np.clip(luminance(rgb) * scale, 0.0, 1.0)
+
+
 def luminance(rgb: np.ndarray) -> np.ndarray:
     """Reduce colour to grey with the ITU-R BT.601 luma weights (0.299, 0.587, 0.114).
 

@@ -123,7 +123,8 @@ def test_batched_standardisation_stores_what_one_file_alone_gives(tmp_path: Path
 
 
 def test_cli_ingest_imports_neither_torch_nor_prefect(tree: Path, tmp_path: Path) -> None:
-    """`medvae ingest` does no work it does not need: no torch, no Prefect, no pandas, no scikit-image.
+    """`medvae ingest` does no work it does not need: no torch, no Prefect, no pandas, no scikit-image,
+    and no pydicom for a folder without DICOM files (its import is ~0.3 s in every worker).
 
     scipy is allowed: the burned-in text screen (medvae.data.textscreen) runs on every image with
     scipy.ndimage.
@@ -138,7 +139,7 @@ def test_cli_ingest_imports_neither_torch_nor_prefect(tree: Path, tmp_path: Path
         "    runpy.run_module('medvae', run_name='__main__')\n"
         "except SystemExit:\n"
         "    pass\n"
-        "heavy = {'torch', 'prefect', 'pandas', 'skimage', 'monai', 'torchvision'}\n"
+        "heavy = {'torch', 'prefect', 'pandas', 'skimage', 'monai', 'torchvision', 'pydicom'}\n"
         "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules} & heavy)))\n"
     )
     out = subprocess.run(
@@ -288,3 +289,38 @@ def test_clahe_at_ingest_standardises_the_stored_pixels(tree: Path, tmp_path: Pa
     a, b = images_from(raw.read()), images_from(std.read())
     assert a.shape == b.shape and not np.array_equal(a, b)
     assert b.std() > a.std()  # histogram equalisation stretches the contrast of the noise images
+
+
+def _text_scan(path: Path, text: str) -> Path:
+    """A smooth 256 px 'radiograph' with a line of white text in its top band (3.5 stored px tall)."""
+    from PIL import ImageDraw, ImageFont
+
+    yy, xx = np.mgrid[0:256, 0:256]
+    img = Image.fromarray((60 + 80 * np.exp(-((xx - 128) ** 2 + (yy - 140) ** 2) / 6000.0)).astype(np.uint8))
+    if text:
+        ImageDraw.Draw(img).text((6, 4), text, fill=255, font=ImageFont.load_default(size=18))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path
+
+
+@pytest.mark.parametrize("policy", ["reject", "ingest"])
+def test_the_batched_text_screen_rejects_or_notes_only_the_files_with_text(
+    tmp_path: Path, policy: str
+) -> None:
+    # One decode batch (one worker) mixes files with and without text: the screen runs over the batch
+    # at once, and its verdicts must land on the right files.
+    root = tmp_path / "src"
+    texted = {f"t{i}.png" for i in (1, 4)}
+    for i in range(6):
+        _text_scan(root / f"t{i}.png", "DOE^JOHN DOB 1912-12-01" if f"t{i}.png" in texted else "")
+        (root / f"t{i}.png").write_bytes((root / f"t{i}.png").read_bytes() + bytes([i]))  # distinct files
+    rep = ingest([root], Store(tmp_path / "store"), IngestConfig(workers=1, burned_in_text=policy))
+    by_name = {Path(f.path).name: f for f in rep.files}
+    flagged = {n for n, f in by_name.items() if f.reason and f.reason.startswith("burned-in text suspected")}
+    assert flagged == texted
+    want = "rejected" if policy == "reject" else "ingested"
+    assert all(by_name[n].status == want for n in texted)
+    assert all(f.status == "ingested" for n, f in by_name.items() if n not in texted)
+    assert rep.rows_added == (4 if policy == "reject" else 6)
+    assert not any("DOE" in (f.reason or "") or "1912" in (f.reason or "") for f in rep.files)

@@ -29,7 +29,7 @@ from pydicom.uid import (
 )
 
 from medvae.config import IngestConfig
-from medvae.data import readers
+from medvae.data import dicom_reader
 from medvae.data.readers import (
     META_KEYS,
     DecodedImage,
@@ -180,7 +180,7 @@ def _forbid_pixel_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
         raise AssertionError("pixels were decoded before the size check")
 
     monkeypatch.setattr(Image.Image, "load", boom)
-    monkeypatch.setattr(readers, "pixel_array", boom)
+    monkeypatch.setattr(dicom_reader, "pixel_array", boom)
     monkeypatch.setattr(Dataset, "pixel_array", property(boom))
 
 

@@ -1,0 +1,54 @@
+"""The burned-in text screen's vectorised parts against the library calls they replace, and its batch
+form against screening one image at a time."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw, ImageFont
+from scipy import ndimage as ndi
+
+from medvae.data.textscreen import _flat_filter, _median_uint8, find_text, find_text_batch
+
+
+@pytest.mark.parametrize("k", [3, 5, 7, 9, 11])
+@pytest.mark.parametrize("shape", [(3, 13, 40), (2, 22, 112), (1, 45, 224)])
+def test_flat_filters_equal_scipy_min_and_max_filters(k: int, shape: tuple[int, int, int]) -> None:
+    rng = np.random.default_rng(k)
+    x = rng.integers(0, 256, size=shape, dtype=np.uint8)
+    assert np.array_equal(_flat_filter(x, k, np.minimum), ndi.minimum_filter(x, size=(1, k, k)))
+    assert np.array_equal(_flat_filter(x, k, np.maximum), ndi.maximum_filter(x, size=(1, k, k)))
+
+
+@pytest.mark.parametrize("shape", [(4, 22, 112), (3, 7, 9), (2, 1, 1)])
+def test_median_of_uint8_slices_equals_numpy_median(shape: tuple[int, int, int]) -> None:
+    rng = np.random.default_rng(sum(shape))
+    x = rng.integers(0, 40, size=shape, dtype=np.uint8)  # few levels: ties at the middle are common
+    assert np.array_equal(_median_uint8(x), np.median(x.reshape(len(x), -1), axis=1))
+
+
+def _radiograph(side: int, seed: int, text: str | None, top: bool, bright: bool) -> np.ndarray:
+    """A smooth noisy 'radiograph', with a line of text drawn in the top or bottom band when asked."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:side, 0:side] / side
+    base = 70 + 90 * np.exp(-((xx - 0.5) ** 2 + (yy - 0.55) ** 2) / 0.08) + rng.normal(0, 6, (side, side))
+    img = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
+    if text:
+        font = ImageFont.load_default(size=max(8, side // 14))
+        y = side // 40 if top else side - side // 9
+        ImageDraw.Draw(img).text((side // 30, y), text, fill=250 if bright else 5, font=font)
+    return np.asarray(img, dtype=np.float32) / 255.0
+
+
+def test_a_batch_finds_what_each_image_alone_finds() -> None:
+    # Mixed sizes (one at 112 px, as a 224 px JPEG is decoded; large ones are block-averaged first),
+    # text top and bottom, bright and dark, and images without text, in one batch.
+    images = [
+        _radiograph(side, seed, "DOE^JOHN 1912-12-01" if seed % 3 else None, seed % 2 == 0, seed % 4 < 2)
+        for seed, side in enumerate([112, 112, 112, 256, 256, 112, 640, 640, 112, 256, 112, 112])
+    ]
+    images.append(np.zeros((6, 30), dtype=np.float32))  # too small to screen: never a finding
+    batch = find_text_batch(images, 64)
+    assert batch == [find_text(img, 64) for img in images]
+    # Every image with text is flagged and no other: the comparison above saw both outcomes.
+    assert [i for i, f in enumerate(batch) if f is not None] == [i for i in range(12) if i % 3]
