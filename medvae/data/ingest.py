@@ -266,7 +266,7 @@ def _read_and_normalise(job: tuple[str, str | None], ctx: DecodeContext) -> File
             "label folder name is not valid UTF-8: labels are stored as text; rename the folder "
             "(e.g. with convmv) or give labels in labels_csv",
         )
-    data = _read_file(Path(path_s), cfg)
+    data = _read_file(path_s, cfg)
     if isinstance(data, FileResult):
         return data
     source_id = keyed_hash(ctx.key, "source", data)
@@ -275,7 +275,7 @@ def _read_and_normalise(job: tuple[str, str | None], ctx: DecodeContext) -> File
     try:
         # The burned-in text screen runs once over the whole batch (_screen_text): per file, its
         # fixed costs were most of an ingest's CPU time.
-        images = decode_bytes(data, Path(path_s).name, cfg, screen_text=False)
+        images = decode_bytes(data, os.path.basename(path_s), cfg, screen_text=False)
     except RejectedInput as exc:
         return FileResult(path_s, REJECTED, exc.reason)
     except (KeyboardInterrupt, SystemExit):
@@ -322,22 +322,28 @@ def _screen_text(pending: list[tuple[int, _Decoded]], cfg: IngestConfig) -> dict
     return rejected
 
 
-def _read_file(path: Path, cfg: IngestConfig) -> bytes | FileResult:
-    """The bytes of a regular file within the size limit, or why not."""
+def _read_file(path: str, cfg: IngestConfig) -> bytes | FileResult:
+    """The bytes of a regular file within the size limit, or why not.
+
+    Stat first: opening a FIFO or a device would block or read without end. Plain ``os`` calls on the
+    string, as this runs for every file of an archive.
+    """
     try:
-        st = path.stat()
+        st = os.stat(path)
         if not stat.S_ISREG(st.st_mode):
-            return FileResult(str(path), REJECTED, f"not a regular file ({_file_kind(st.st_mode)})")
+            return FileResult(path, REJECTED, f"not a regular file ({_file_kind(st.st_mode)})")
         if st.st_size > cfg.max_file_bytes:
             return FileResult(
-                str(path),
+                path,
                 REJECTED,
                 f"file is {st.st_size} bytes, over max_file_bytes={cfg.max_file_bytes}; not read "
                 "(raise max_file_bytes to ingest it)",
             )
-        return path.read_bytes()
+        with open(path, "rb") as fh:
+            # Bounded: the file may have grown since stat(); decode_bytes refuses what is over.
+            return fh.read(cfg.max_file_bytes + 1)
     except OSError as exc:
-        return FileResult(str(path), REJECTED, f"cannot read file: {exc.strerror or exc}")
+        return FileResult(path, REJECTED, f"cannot read file: {exc.strerror or type(exc).__name__}")
 
 
 def _standardise(pending: list[tuple[int, _Decoded]], cfg: IngestConfig) -> list[np.ndarray | FileResult]:
@@ -370,7 +376,7 @@ def _rows_of(dec: _Decoded, pixels: np.ndarray, ctx: DecodeContext) -> FileResul
     cfg, key = ctx.cfg, ctx.key
     rows: list[dict[str, Any]] = []
     for img, pix in zip(dec.images, pixels, strict=True):
-        patient = img.patient_ref or patient_from_name(Path(dec.path).name, cfg.patient_regex)
+        patient = img.patient_ref or patient_from_name(os.path.basename(dec.path), cfg.patient_regex)
         # surrogatepass: a patient ID cut from a non-UTF-8 file name holds surrogate escapes, which plain
         # encode() refuses (an exception outside any handler); this encoding is still one-to-one.
         patient_key = (

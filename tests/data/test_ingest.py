@@ -124,10 +124,7 @@ def test_batched_standardisation_stores_what_one_file_alone_gives(tmp_path: Path
 
 def test_cli_ingest_imports_neither_torch_nor_prefect(tree: Path, tmp_path: Path) -> None:
     """`medvae ingest` does no work it does not need: no torch, no Prefect, no pandas, no scikit-image,
-    and no pydicom for a folder without DICOM files (its import is ~0.3 s in every worker).
-
-    scipy is allowed: the burned-in text screen (medvae.data.textscreen) runs on every image with
-    scipy.ndimage.
+    no scipy, and no pydicom for a folder without DICOM files (each import is ~0.3 s in every worker).
     """
     import subprocess
     import sys
@@ -139,7 +136,7 @@ def test_cli_ingest_imports_neither_torch_nor_prefect(tree: Path, tmp_path: Path
         "    runpy.run_module('medvae', run_name='__main__')\n"
         "except SystemExit:\n"
         "    pass\n"
-        "heavy = {'torch', 'prefect', 'pandas', 'skimage', 'monai', 'torchvision', 'pydicom'}\n"
+        "heavy = {'torch', 'prefect', 'pandas', 'skimage', 'monai', 'torchvision', 'pydicom', 'scipy'}\n"
         "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules} & heavy)))\n"
     )
     out = subprocess.run(

@@ -22,8 +22,8 @@ def reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     opened: list[str] = []
     real = ingest_mod._read_file
 
-    def counting(path: Path, cfg: IngestConfig) -> object:
-        opened.append(path.name)
+    def counting(path: str, cfg: IngestConfig) -> object:
+        opened.append(Path(path).name)
         return real(path, cfg)
 
     monkeypatch.setattr(ingest_mod, "_read_file", counting)

@@ -8,7 +8,14 @@ import pytest
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage as ndi
 
-from medvae.data.textscreen import _flat_filter, _median_uint8, find_text, find_text_batch
+from medvae.data.textscreen import (
+    _components,
+    _flat_filter,
+    _median_uint8,
+    _texture_cut,
+    find_text,
+    find_text_batch,
+)
 
 
 @pytest.mark.parametrize("k", [3, 5, 7, 9, 11])
@@ -25,6 +32,16 @@ def test_median_of_uint8_slices_equals_numpy_median(shape: tuple[int, int, int])
     rng = np.random.default_rng(sum(shape))
     x = rng.integers(0, 40, size=shape, dtype=np.uint8)  # few levels: ties at the middle are common
     assert np.array_equal(_median_uint8(x), np.median(x.reshape(len(x), -1), axis=1))
+
+
+def test_the_texture_cut_is_max_of_base_and_four_medians() -> None:
+    # Slices whose medians fall below, at and above base / 4 (the shortcut's boundary).
+    rng = np.random.default_rng(7)
+    x = np.stack([rng.integers(0, hi, size=(22, 112), dtype=np.uint8) for hi in (2, 9, 15, 16, 17, 40, 255)])
+    x[3, :11] = 7  # exactly half at the boundary value
+    want = np.maximum(31, 4.0 * np.median(x.reshape(len(x), -1), axis=1))
+    assert np.array_equal(_texture_cut(x, 31), want)
+    assert (want > 31).any() and (want == 31).any()
 
 
 def _radiograph(side: int, seed: int, text: str | None, top: bool, bright: bool) -> np.ndarray:
@@ -52,3 +69,57 @@ def test_a_batch_finds_what_each_image_alone_finds() -> None:
     assert batch == [find_text(img, 64) for img in images]
     # Every image with text is flagged and no other: the comparison above saw both outcomes.
     assert [i for i, f in enumerate(batch) if f is not None] == [i for i in range(12) if i % 3]
+
+
+def _scipy_components(mask: np.ndarray) -> tuple[np.ndarray, ...]:
+    """What _components should give, from scipy's labelling (4-connected within each slice)."""
+    structure = np.zeros((3, 3, 3), dtype=bool)
+    structure[1] = ndi.generate_binary_structure(2, 1)
+    labels, _ = ndi.label(mask, structure=structure)
+    boxes = ndi.find_objects(labels)
+    areas = np.bincount(labels.ravel())[1:]
+    cols = [
+        [sl[0].start for sl in boxes],
+        [sl[1].start for sl in boxes],
+        [sl[1].stop for sl in boxes],
+        [sl[2].start for sl in boxes],
+        [sl[2].stop for sl in boxes],
+        list(areas),
+    ]
+    return tuple(np.asarray(c, dtype=np.intp) for c in cols)
+
+
+@pytest.mark.parametrize("density", [0.0, 0.05, 0.3, 0.55, 0.8, 1.0])
+def test_components_equal_scipy_labels_in_the_same_order(density: float) -> None:
+    # Random masks at every density (0.55 is above the percolation threshold: long winding components
+    # that need many union-find rounds), in slices that touch end to end in memory.
+    rng = np.random.default_rng(int(density * 100))
+    mask = rng.random((5, 17, 31)) < density
+    mask[2, -1, :] = mask[3, 0, :] = True  # a full last row above a full first row: must not join
+    got = _components(mask)
+    want = _scipy_components(mask)
+    assert len(got[0]) == len(want[0])
+    for g, wnt in zip(got, want, strict=True):
+        assert np.array_equal(g, wnt)
+
+
+def test_components_of_a_spiral_and_of_nested_shapes() -> None:
+    # A one-pixel-wide spiral is one component whose runs join only through long chains.
+    side = 41
+    spiral = np.zeros((side, side), dtype=bool)
+    top, left, bottom, right = 0, 0, side - 1, side - 1
+    while top <= bottom and left <= right:
+        spiral[top, left : right + 1] = True
+        spiral[top : bottom + 1, right] = True
+        spiral[bottom, left : right + 1] = True
+        spiral[top + 2 : bottom + 1, left] = True
+        top, left, bottom, right = top + 2, left + 2, bottom - 2, right - 2
+        if top <= bottom:
+            spiral[top - 1, left] = True  # the turn into the next ring
+    ring = np.zeros((side, side), dtype=bool)
+    ring[5:30, 5:30] = True
+    ring[8:27, 8:27] = False
+    ring[12:20, 12:20] = True  # an island inside a ring: two components
+    mask = np.stack([spiral, ring])
+    for g, wnt in zip(_components(mask), _scipy_components(mask), strict=True):
+        assert np.array_equal(g, wnt)
