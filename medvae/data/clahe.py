@@ -132,7 +132,7 @@ def _clahe_chunk(
     hist = _tile_histograms(np.pad(binned, [(0, 0), *geo.pads], mode="reflect"), geo)
     elements = geo.kernel[0] * geo.kernel[1]
     clim = int(np.clip(clip_limit * elements, 1, None)) if clip_limit > 0.0 else elements
-    hist = _clip_histograms(hist, clim, geo.pattern)
+    hist = _clip_histograms(hist, clim, geo.pattern, elements)
     # The histogram sum only grows by the redistribution's overshoot, under one count per bin.
     maps = _cumulative_to_level(elements, geo.nbins)[np.cumsum(hist, axis=1, dtype=np.int32)]
     return _stretch_to_uint8(_interpolate(binned, maps, geo))
@@ -166,11 +166,14 @@ def _tile_histograms(padded: np.ndarray, geo: _Geometry) -> np.ndarray:
     return counts.astype(np.int16 if k0 * k1 + nb < 2**15 else np.int32)
 
 
-def _clip_histograms(hist: np.ndarray, clim: int, pattern: np.ndarray) -> np.ndarray:
-    """scikit-image's ``clip_histogram`` on every row of ``hist`` (one tile each), in place."""
+def _clip_histograms(hist: np.ndarray, clim: int, pattern: np.ndarray, elements: int) -> np.ndarray:
+    """scikit-image's ``clip_histogram`` on every row of ``hist`` (one tile of ``elements`` pixels
+    each), in place."""
     nbins = hist.shape[1]
-    n_excess = np.maximum(hist - clim, 0).sum(axis=1, dtype=np.int64)
+    # Every tile holds ``elements`` pixels, so the excess over the limit is that number less what the
+    # clipped histogram keeps: one pass fewer than summing max(hist - clim, 0).
     np.minimum(hist, clim, out=hist)
+    n_excess = elements - hist.sum(axis=1, dtype=np.int64)
     bin_incr = n_excess // nbins
     if bin_incr.any():  # with bin_incr 0 both steps change nothing (most tiles of a 64×64 image)
         upper = (clim - bin_incr)[:, None]
@@ -194,10 +197,15 @@ def _redistribute(hist: np.ndarray, n_excess: np.ndarray, clim: int, pattern: np
     index: each step is one vectorised operation over those tiles.
     """
     nbins = hist.shape[1]
+    first = 0  # where the first pass starts: after index 0 when that step was done on all tiles
+    start_excess = n_excess.copy()
+    if n_excess.size and n_excess.all():
+        _first_step_everywhere(hist, n_excess, clim, pattern)
+        first = 1
     active = np.flatnonzero(n_excess > 0)
+    before = start_excess[active]
     while active.size:
-        before = n_excess[active].copy()
-        for index in range(nbins):
+        for index in range(first, nbins):
             h = hist[active]
             hit = h < clim
             step = np.maximum(1, hit.sum(axis=1) // n_excess[active])
@@ -210,6 +218,18 @@ def _redistribute(hist: np.ndarray, n_excess: np.ndarray, clim: int, pattern: np
             if not active.size:
                 return
         active = active[n_excess[active] != before]  # a pass that placed nothing ends that tile
+        before, first = n_excess[active].copy(), 0
+
+
+def _first_step_everywhere(hist: np.ndarray, n_excess: np.ndarray, clim: int, pattern: np.ndarray) -> None:
+    """The ``index = 0`` step of :func:`_redistribute` when every tile has excess (the usual case for
+    a 64×64 image: 64 pixels per tile, clipped at 1 count per bin), on ``hist`` itself: no gather
+    of the active tiles and no scatter back."""
+    hit = hist < clim
+    step = np.maximum(1, hit.sum(axis=1) // n_excess)
+    hit &= pattern[step]  # bins 0, step, 2 step, ...
+    np.add(hist, hit, out=hist, casting="unsafe")
+    n_excess -= hit.sum(axis=1)
 
 
 @lru_cache(maxsize=16)

@@ -162,6 +162,27 @@ def test_jpeg_grey_small_image_is_not_draft_reduced() -> None:
     np.testing.assert_allclose(out.pixels, 100 / 255, atol=2 / 255)
 
 
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_exif_orientation_is_applied_and_its_absence_changes_nothing(fmt: str) -> None:
+    # A film photographed with a phone: stored 120 wide and 80 tall, EXIF says "rotate 90° CW" (6).
+    # The bright band is on the stored image's left, so it ends up at the top once upright.
+    stored = np.full((80, 120), 40, dtype=np.uint8)
+    stored[:, :20] = 220
+    img = Image.fromarray(stored)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    for orientation, want_shape in ((exif, (120, 80)), (None, (80, 120))):
+        buf = io.BytesIO()
+        img.save(buf, fmt, **({"exif": orientation} if orientation is not None else {}))
+        (out,) = decode_bytes(buf.getvalue(), f"x.{fmt.lower()}", CFG)
+        assert out.pixels.shape == want_shape
+        bright = out.pixels > 0.5
+        if orientation is not None:
+            assert bright[:15].all() and not bright[25:].any()  # the band is now the top rows
+        else:
+            assert bright[:, :15].all() and not bright[:, 25:].any()
+
+
 # ======================================================================================== bad inputs
 
 
