@@ -19,8 +19,8 @@ from medvae.config import IngestConfig, to_jsonable
 from medvae.data import statcache
 from medvae.data.deid import allowed_meta, keyed_hash, patient_from_name, split_for
 from medvae.data.staging import read_bytes, remove_tree, write_bytes
-from medvae.data.statcache import source_prefix, stat_key
-from medvae.data.walk import iter_files, label_for, read_labels_csv
+from medvae.data.statcache import source_prefix, stat_keys
+from medvae.data.walk import label_for, read_labels_csv, walk_paths
 
 if TYPE_CHECKING:  # the store pulls in deltalake and pyarrow, which spawned decoder workers never need
     import pyarrow as pa
@@ -462,14 +462,14 @@ def plan_ingest(sources: Sequence[Path], store: Store, cfg: IngestConfig) -> Ing
         StoreError: when the store holds images made with other image settings, or cannot be read.
     """
     csv_labels = read_labels_csv(cfg.labels_csv) if cfg.labels_csv else None
-    walked = list(iter_files(sources))
+    walked = list(walk_paths(sources))
     results: list[FileResult | None] = [None] * len(walked)
     jobs: list[tuple[int, tuple[str, str | None]]] = []
     for i, (path, walk_error) in enumerate(walked):
         if walk_error is not None:
-            results[i] = FileResult(str(path), REJECTED, walk_error)
+            results[i] = FileResult(path, REJECTED, walk_error)
         else:
-            jobs.append((i, (str(path), label_for(path, cfg, csv_labels))))
+            jobs.append((i, (path, label_for(path, cfg, csv_labels))))
     known = KnownIds()
     if store.exists():
         _check_image_settings(store, cfg)
@@ -494,13 +494,16 @@ def _check_image_settings(store: Store, cfg: IngestConfig) -> None:
 
 def _skip_cached(plan: IngestPlan, store: Store) -> None:
     """Stat every job's file, and fill in the ones the stat cache knows to be in the store."""
+    regular: list[tuple[int, str, os.stat_result]] = []
     for slot, (path, _) in plan.jobs:
         try:
             st = os.stat(path)
         except OSError:
             continue  # the decoder says what is wrong with it
         if stat.S_ISREG(st.st_mode):
-            plan.stats[slot] = stat_key(plan.key, path, st)
+            regular.append((slot, path, st))
+    keys = stat_keys(plan.key, [(path, st) for _, path, st in regular])
+    plan.stats = {slot: k for (slot, _, _), k in zip(regular, keys, strict=True)}
     if not len(plan.known) or not plan.stats:
         return
     slots = list(plan.stats)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -39,13 +40,31 @@ def stat_key(key: bytes, path: str, st: os.stat_result) -> bytes:
 
     Keyed BLAKE2b (a MAC by design, under the store's key, personalised so that it never equals another
     medvae hash): one C call per file, a third of what ``hmac.new`` costs. Every file of every re-ingest
-    is keyed here, so it is most of what a no-op re-ingest computes.
+    is keyed here, so it is most of what a no-op re-ingest computes. The text hashed is the absolute
+    path and the device, inode, size, mtime and ctime, separated by NULs.
     """
-    text = (
-        f"{os.path.abspath(path)}\0{st.st_dev}\0{st.st_ino}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}"
-    )
-    data = text.encode("utf-8", "surrogatepass")
-    return hashlib.blake2b(data, key=key, digest_size=16, person=b"medvae-stat").digest()
+    return stat_keys(key, [(path, st)])[0]
+
+
+def stat_keys(key: bytes, files: Iterable[tuple[str, os.stat_result]]) -> list[bytes]:
+    """:func:`stat_key` of many files, with each folder made absolute once rather than each path.
+
+    ``abspath`` of ``folder/name`` (``name`` a plain file name) is ``abspath(folder)`` joined with
+    ``name``; it was a third of a no-op re-ingest's time.
+    """
+    folders: dict[str, str] = {}
+    out = []
+    for path, st in files:
+        folder, sep, name = path.rpartition("/")  # os.path.split, in one C call
+        folder = folder or sep  # "/name": the root (os.path.split keeps it)
+        base = folders.get(folder)
+        if base is None:
+            base = folders[folder] = os.path.abspath(folder)
+        full = base + name if base.endswith("/") else f"{base}/{name}"
+        text = f"{full}\0{st.st_dev}\0{st.st_ino}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}"
+        data = text.encode("utf-8", "surrogatepass")
+        out.append(hashlib.blake2b(data, key=key, digest_size=16, person=b"medvae-stat").digest())
+    return out
 
 
 def source_prefix(source_id: str) -> bytes:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 from medvae.config import IngestConfig
 from medvae.data import ingest as ingest_mod
 from medvae.data.ingest import ingest
-from medvae.data.statcache import CACHE_FILE, StatCache, stat_key
+from medvae.data.statcache import CACHE_FILE, StatCache, stat_key, stat_keys
 from medvae.data.store import Store
 from tests.data.test_ingest import _png
 
@@ -141,3 +142,20 @@ def test_statcache_lookup_merge_and_round_trip() -> None:
     newer = cache.merged([(k1, b"\x04" * 16)], keep=np.array([b"\x04" * 16], dtype="S16"))
     assert len(newer) == 1 and newer.lookup([k1])[1][0] == np.array(b"\x04" * 16, dtype="S16")
     assert len(StatCache.from_bytes(b"not npy")) == 0
+
+
+def test_stat_keys_hash_the_absolute_path_of_relative_absolute_and_root_paths(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "f.png").write_bytes(b"x")
+    monkeypatch.chdir(tmp_path / "d")
+    st = os.stat("f.png")
+    key = b"k" * 32
+    paths = ["f.png", "./f.png", "../d/f.png", str(tmp_path / "d" / "f.png"), "/f.png"]
+    for path, got in zip(paths, stat_keys(key, [(p, st) for p in paths]), strict=True):
+        meta = f"{st.st_dev}\0{st.st_ino}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}"
+        text = f"{os.path.abspath(path)}\0{meta}"
+        want = hashlib.blake2b(text.encode(), key=key, digest_size=16, person=b"medvae-stat").digest()
+        assert got == want, path
+    assert len(set(stat_keys(key, [(p, st) for p in paths]))) == 2  # four spellings of one file, and /f.png
