@@ -17,7 +17,8 @@ irregular to chain.
 **At what size.** Only text legible in the *stored* image matters, so the smallest glyph searched
 for is ``min_text_px`` pixels of the stored image (3 by default: 3-pixel digits can still be read),
 converted to pixels of the decoded image, up to four times that; a large image is block-averaged
-down first, so the cost stays a few milliseconds whatever the image size.
+down first, so the cost stays about a millisecond whatever the image size, and a quarter of that per
+image when an ingest screens a whole decode batch at once (:func:`find_text_batch`).
 
 **How good.** Measured with ``benchmarks/burned_in_text.py`` (figures in its docstring): on the 5,216
 Kermany training radiographs, which carry small markers and timestamps but no legible names, the
