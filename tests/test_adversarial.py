@@ -43,6 +43,7 @@ from pydicom.uid import (
 
 from medvae.config import IngestConfig
 from medvae.data import dicom_reader
+from medvae.data import ingest as ingest_module
 from medvae.data.ingest import FileResult, IngestReport, ingest
 from medvae.data.readers import RejectedInput, decode_bytes
 from medvae.data.store import Store
@@ -403,14 +404,15 @@ def test_unreadable_file_simulated_and_special_files_given_as_sources(
     src.mkdir()
     (src / "locked.png").write_bytes(_png(_grey(31)))
     (src / "fine.png").write_bytes(_png(_grey(32)))
-    real_read_bytes = Path.read_bytes
+    real_open = open
 
-    def read_bytes(self: Path) -> bytes:
-        if self.name == "locked.png":
-            raise PermissionError(13, "Permission denied", str(self))
-        return real_read_bytes(self)
+    def guarded_open(file: Any, *args: Any, **kwargs: Any) -> Any:
+        if os.path.basename(file) == "locked.png":
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
 
-    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    # Where ingest opens a file to read it (a module global shadows the builtin there only).
+    monkeypatch.setattr(ingest_module, "open", guarded_open, raising=False)
     # Given directly as sources (not found by walking a folder): a FIFO, a directory symlink loop, a
     # dangling link and a path that does not exist. Opening the FIFO would block forever; it must not be.
     os.mkfifo(tmp_path / "pipe")

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from medvae._io import atomic_write_text
+from medvae._io import atomic_write_text, read_bounded
 from medvae.config import IngestConfig, to_jsonable
 from medvae.data import statcache
 from medvae.data.deid import allowed_meta, keyed_hash, patient_from_name, split_for
@@ -341,7 +341,7 @@ def _read_file(path: str, cfg: IngestConfig) -> bytes | FileResult:
             )
         with open(path, "rb") as fh:
             # Bounded: the file may have grown since stat(); decode_bytes refuses what is over.
-            return fh.read(cfg.max_file_bytes + 1)
+            return read_bounded(fh, st.st_size, cfg.max_file_bytes)
     except OSError as exc:
         return FileResult(path, REJECTED, f"cannot read file: {exc.strerror or type(exc).__name__}")
 

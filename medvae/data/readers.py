@@ -55,6 +55,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from medvae._io import read_bounded
 from medvae.config import IngestConfig
 from medvae.data.decoded import META_KEYS, DecodedImage, RejectedInput, decoder_failure, empty_meta
 from medvae.data.transforms import percentile_window, rgb_to_grey
@@ -146,7 +147,7 @@ def decode_file(path: Path, cfg: IngestConfig) -> list[DecodedImage]:
             )
         with path.open("rb") as fh:
             # Bounded read: the file may have grown since stat().
-            data = fh.read(cfg.max_file_bytes + 1)
+            data = read_bounded(fh, size, cfg.max_file_bytes)
     except OSError as exc:
         # strerror, not str(exc): the latter repeats the path, and reasons are tallied into lineage.
         raise RejectedInput(f"cannot read file: {exc.strerror or type(exc).__name__}") from exc
