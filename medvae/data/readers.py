@@ -70,6 +70,7 @@ __all__ = [
     "RejectedInput",
     "decode_bytes",
     "decode_file",
+    "read_scan",
     "screen_burned_in_text",
     "sniff_format",
     "text_screen_frames",
@@ -134,6 +135,17 @@ def decode_file(path: Path, cfg: IngestConfig) -> list[DecodedImage]:
         RejectedInput: the file is unreadable, too large, not a supported format, broken, or refused
             by policy; the message says which.
     """
+    return decode_bytes(read_scan(path, cfg), path.name, cfg)
+
+
+def read_scan(path: Path, cfg: IngestConfig) -> bytes:
+    """The bytes of a scan file: a regular file within ``cfg.max_file_bytes``, read with a bounded buffer.
+
+    Checked before opening, because opening a FIFO or a device would block or read without end.
+
+    Raises:
+        RejectedInput: the file is missing, not a regular file, too large or unreadable.
+    """
     try:
         if not path.exists():
             raise RejectedInput("file not found (moved or deleted since it was listed?)")
@@ -147,11 +159,10 @@ def decode_file(path: Path, cfg: IngestConfig) -> list[DecodedImage]:
             )
         with path.open("rb") as fh:
             # Bounded read: the file may have grown since stat().
-            data = read_bounded(fh, size, cfg.max_file_bytes)
+            return read_bounded(fh, size, cfg.max_file_bytes)
     except OSError as exc:
         # strerror, not str(exc): the latter repeats the path, and reasons are tallied into lineage.
         raise RejectedInput(f"cannot read file: {exc.strerror or type(exc).__name__}") from exc
-    return decode_bytes(data, path.name, cfg)
 
 
 def decode_bytes(

@@ -72,12 +72,9 @@ def screen_settings(meta: dict[str, Any]) -> IngestConfig:
 def _prepare(path: str, icfg: IngestConfig) -> tuple[np.ndarray, str]:
     """The stored form of a scan file and its row name (a digest of its bytes, never its file name)."""
     from medvae.data.prepare import stored_image
-    from medvae.data.readers import RejectedInput, decode_bytes
+    from medvae.data.readers import decode_bytes, read_scan
 
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise RejectedInput(f"cannot read file: {exc.strerror or exc}") from exc
+    data = read_scan(Path(path), icfg)  # regular files only, within max_file_bytes (a FIFO would block)
     image = stored_image(decode_bytes(data, Path(path).name, icfg)[0].pixels, icfg)
     return image, "scan-" + hashlib.sha256(data).hexdigest()[:16]
 

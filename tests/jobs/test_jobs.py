@@ -62,6 +62,34 @@ def test_screen_prepares_new_scans_exactly_like_the_training_store(tmp_path: Pat
     assert not np.allclose([plain_scores[p.name] for p in paths], expected, rtol=1e-3)
 
 
+def test_screen_rejects_a_fifo_and_an_oversized_file_without_reading_them(tmp_path: Path) -> None:
+    import os
+
+    _scans(tmp_path / "src", n=12)
+    store = Store(tmp_path / "store")
+    ingest([tmp_path / "src"], store, IngestConfig(workers=1))
+    tiny = TrainConfig(
+        model=ModelConfig(channels=(8, 16), latent_dim=4), epochs=1, batch_size=8, patience=1, device="cpu"
+    )
+    model = tmp_path / "model"
+    train_job(store.uri, model, tiny, progress=False)
+    os.mkfifo(tmp_path / "pipe.png")  # reading it would block the screen for ever
+    big = tmp_path / "big.png"
+    big.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 50_000)
+    screener = Screener.load(model)
+    small = Screener(screener.loaded, screener.calibration, IngestConfig(max_file_bytes=40_000))
+    files = [
+        (str(tmp_path / "pipe.png"), None),
+        (str(big), None),
+        (str(tmp_path / "src" / "normal" / "IM-0000-0001.png"), None),
+    ]
+    records, images = screen_files(small, files)
+    reasons = [r.reason or "" for r in records]
+    assert reasons[0].startswith("not a regular file"), reasons
+    assert "over max_file_bytes=40000" in reasons[1], reasons
+    assert [r.status for r in records] == ["rejected", "rejected", "scored"] and len(images) == 1
+
+
 def test_trained_models_are_signed_and_a_tampered_one_is_refused(tmp_path: Path) -> None:
     """Training signs with the store's key; augment refuses an edited threshold whose hash was redone."""
     import json
