@@ -32,17 +32,25 @@ def _scans(root: Path, n: int = 24) -> list[Path]:
     return paths
 
 
-def test_screen_prepares_new_scans_exactly_like_the_training_store(tmp_path: Path) -> None:
-    paths = _scans(tmp_path / "src")
-    store = Store(tmp_path / "store")
-    ingest([tmp_path / "src"], store, IngestConfig(workers=1, intensity="clahe"))
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Store, list[Path]]:
+    """A tiny model trained on a CLAHE store of 24 scans: the model folder, the store and the scans."""
+    root = tmp_path_factory.mktemp("trained")
+    paths = _scans(root / "src")
+    store = Store(root / "store")
+    ingest([root / "src"], store, IngestConfig(workers=1, intensity="clahe"))
     tiny = TrainConfig(
         model=ModelConfig(channels=(8, 16), latent_dim=4), epochs=1, batch_size=8, patience=1, device="cpu"
     )
-    model = tmp_path / "model"
-    train_job(store.uri, model, tiny, progress=False)
+    train_job(store.uri, root / "model", tiny, progress=False)
+    return root / "model", store, paths
 
-    res = screen_job(model, [tmp_path / "src"])
+
+def test_screen_prepares_new_scans_exactly_like_the_training_store(
+    trained: tuple[Path, Store, list[Path]],
+) -> None:
+    model, store, paths = trained
+    res = screen_job(model, [paths[0].parent.parent])
     assert res.scored == len(paths) and res.rejected == 0
     by_file = {Path(r.file).name: r.scores["score"] for r in res.records}
 
@@ -62,27 +70,18 @@ def test_screen_prepares_new_scans_exactly_like_the_training_store(tmp_path: Pat
     assert not np.allclose([plain_scores[p.name] for p in paths], expected, rtol=1e-3)
 
 
-def test_screen_rejects_a_fifo_and_an_oversized_file_without_reading_them(tmp_path: Path) -> None:
+def test_screen_rejects_a_fifo_and_an_oversized_file_without_reading_them(
+    trained: tuple[Path, Store, list[Path]], tmp_path: Path
+) -> None:
     import os
 
-    _scans(tmp_path / "src", n=12)
-    store = Store(tmp_path / "store")
-    ingest([tmp_path / "src"], store, IngestConfig(workers=1))
-    tiny = TrainConfig(
-        model=ModelConfig(channels=(8, 16), latent_dim=4), epochs=1, batch_size=8, patience=1, device="cpu"
-    )
-    model = tmp_path / "model"
-    train_job(store.uri, model, tiny, progress=False)
+    model, _, paths = trained
     os.mkfifo(tmp_path / "pipe.png")  # reading it would block the screen for ever
     big = tmp_path / "big.png"
     big.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 50_000)
     screener = Screener.load(model)
     small = Screener(screener.loaded, screener.calibration, IngestConfig(max_file_bytes=40_000))
-    files = [
-        (str(tmp_path / "pipe.png"), None),
-        (str(big), None),
-        (str(tmp_path / "src" / "normal" / "IM-0000-0001.png"), None),
-    ]
+    files = [(str(tmp_path / "pipe.png"), None), (str(big), None), (str(paths[0]), None)]
     records, images = screen_files(small, files)
     reasons = [r.reason or "" for r in records]
     assert reasons[0].startswith("not a regular file"), reasons
