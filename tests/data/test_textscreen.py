@@ -123,3 +123,17 @@ def test_components_of_a_spiral_and_of_nested_shapes() -> None:
     mask = np.stack([spiral, ring])
     for g, wnt in zip(_components(mask), _scipy_components(mask), strict=True):
         assert np.array_equal(g, wnt)
+
+
+def test_a_batch_of_large_images_is_screened_without_stacking_them() -> None:
+    import tracemalloc
+
+    rng = np.random.default_rng(3)
+    images = [rng.random((1500, 1500), dtype=np.float32) for _ in range(8)]  # 72 MB in all
+    tracemalloc.start()
+    try:
+        find_text_batch(images, 64)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 24 * 2**20, f"peak {peak / 2**20:.0f} MiB"  # stacking them would take 72 MiB
