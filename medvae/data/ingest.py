@@ -8,7 +8,7 @@ import os
 import stat
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +32,9 @@ ALREADY_STORED = "already in the store (same content)"
 COMMITTED_CONCURRENTLY = "already in the store: committed by a concurrent ingest"
 # Files per decode batch: CLAHE is vectorised over a batch, and below ~16 images its fixed costs show.
 MIN_BATCH, MAX_BATCH = 16, 64
+# A file with an image of more pixels is text-screened alone at decode, not with its batch (memory).
+BATCH_SCREEN_PIXELS = 512 * 512
+_LET_GO = np.zeros((0, 0), dtype=np.float32)  # the pixels of a decoded image no longer needed
 POOL_MIN_FILES = 64  # below this, decoding in this process beats starting a pool (~1 s on two cores)
 
 
@@ -211,6 +214,7 @@ class _Decoded:
     images: list[Any]  # readers.DecodedImage
     normalised: list[np.ndarray]
     note: str | None = None  # why the label was withheld, if it was
+    screened: bool = False  # the text screen has run (a large file, screened alone)
 
 
 def decode_one(job: tuple[str, str | None], ctx: DecodeContext) -> FileResult:
@@ -290,7 +294,16 @@ def _read_and_normalise(job: tuple[str, str | None], ctx: DecodeContext) -> File
         normalised = [normalised_image(img.pixels, cfg) for img in images]
     except Exception as exc:
         return FileResult(path_s, REJECTED, f"cannot normalise image: {type(exc).__name__}: {exc}")
-    return _Decoded(path_s, label, source_id, images, normalised, label_note)
+    dec = _Decoded(path_s, label, source_id, images, normalised, label_note)
+    if any(img.pixels.size > BATCH_SCREEN_PIXELS for img in images):
+        # Screened now, alone, and its full-size pixels let go: a batch of 64 files must not hold 64
+        # full-size CRs (2.3 GB at 3000 px) until the batch's text screen.
+        rejected = _screen_one(dec, cfg, None)
+        if rejected is not None:
+            return rejected
+        dec.images = [replace(img, pixels=_LET_GO) for img in dec.images]
+        dec.screened = True
+    return dec
 
 
 def _screen_text(pending: list[tuple[int, _Decoded]], cfg: IngestConfig) -> dict[int, FileResult]:
@@ -300,26 +313,40 @@ def _screen_text(pending: list[tuple[int, _Decoded]], cfg: IngestConfig) -> dict
         The results of the files the policy rejects, by their position in the batch. A file kept with
         a finding (``burned_in_text: ingest``) gets the finding in its note; the others are unchanged.
     """
-    from medvae.data.readers import RejectedInput, screen_burned_in_text, text_screen_frames
+    from medvae.data.readers import text_screen_frames
     from medvae.data.textscreen import find_text_batch
 
-    if cfg.burned_in_text == "off" or not pending:
+    todo = [(i, dec) for i, dec in pending if not dec.screened]
+    if cfg.burned_in_text == "off" or not todo:
         return {}
-    picks = [text_screen_frames(dec.images) for _, dec in pending]
-    pixels = [dec.images[f].pixels for (_, dec), frames in zip(pending, picks, strict=True) for f in frames]
+    picks = [text_screen_frames(dec.images) for _, dec in todo]
+    pixels = [dec.images[f].pixels for (_, dec), frames in zip(todo, picks, strict=True) for f in frames]
     found = iter(find_text_batch(pixels, cfg.size, cfg.burned_in_min_text_px))
     rejected: dict[int, FileResult] = {}
-    for (i, dec), frames in zip(pending, picks, strict=True):
-        before = len(dec.images[0].notes)
-        try:
-            dec.images = screen_burned_in_text(dec.images, cfg, [next(found) for _ in frames])
-        except RejectedInput as exc:
-            rejected[i] = FileResult(dec.path, REJECTED, exc.reason)
-            continue
-        # The report says why a kept file was flagged, beside any label note.
-        notes = [*([dec.note] if dec.note else []), *dec.images[0].notes[before:]]
-        dec.note = "; ".join(notes) or None
+    for (i, dec), frames in zip(todo, picks, strict=True):
+        result = _screen_one(dec, cfg, [next(found) for _ in frames])
+        if result is not None:
+            rejected[i] = result
     return rejected
+
+
+def _screen_one(dec: _Decoded, cfg: IngestConfig, found: list[Any] | None) -> FileResult | None:
+    """The text screen's verdict on one file (``found``: its batch findings, None: screen it here).
+
+    Returns:
+        The file's result when the policy rejects it; else None, with any finding added to its note.
+    """
+    from medvae.data.readers import RejectedInput, screen_burned_in_text
+
+    before = len(dec.images[0].notes)
+    try:
+        dec.images = screen_burned_in_text(dec.images, cfg, found)
+    except RejectedInput as exc:
+        return FileResult(dec.path, REJECTED, exc.reason)
+    # The report says why a kept file was flagged, beside any label note.
+    notes = [*([dec.note] if dec.note else []), *dec.images[0].notes[before:]]
+    dec.note = "; ".join(notes) or None
+    return None
 
 
 def _read_file(path: str, cfg: IngestConfig) -> bytes | FileResult:

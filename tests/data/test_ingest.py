@@ -321,3 +321,36 @@ def test_the_batched_text_screen_rejects_or_notes_only_the_files_with_text(
     assert all(f.status == "ingested" for n, f in by_name.items() if n not in texted)
     assert rep.rows_added == (4 if policy == "reject" else 6)
     assert not any("DOE" in (f.reason or "") or "1912" in (f.reason or "") for f in rep.files)
+
+
+def test_large_scans_are_text_screened_alone_and_a_batch_does_not_hold_them(tmp_path: Path) -> None:
+    import tracemalloc
+
+    from PIL import ImageDraw, ImageFont
+
+    from medvae.data.ingest import DecodeContext, KnownIds, decode_many
+
+    root = tmp_path / "big"
+    root.mkdir()
+    yy, xx = np.mgrid[0:1200, 0:1200]
+    base = (60 + 80 * np.exp(-((xx - 600) ** 2 + (yy - 660) ** 2) / 130000.0)).astype(np.uint8)
+    for i in range(12):
+        img = Image.fromarray(np.clip(base.astype(int) + i, 0, 255).astype(np.uint8))
+        if i in (3, 8):  # a patient-like line, about 4 px tall once stored at 64 px
+            font = ImageFont.load_default(size=95)
+            ImageDraw.Draw(img).text((30, 20), "DOE^JOHN DOB 1912", fill=255, font=font)
+        img.save(root / f"scan{i:02d}.png")
+    jobs = [(str(p), None) for p in sorted(root.iterdir())]
+    ctx = DecodeContext(b"k" * 32, KnownIds(), IngestConfig())
+    tracemalloc.start()
+    try:
+        results = decode_many(jobs, ctx)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    rejected = {Path(r.path).name for r in results if r.status == "rejected"}
+    assert rejected == {"scan03.png", "scan08.png"}
+    assert all("burned-in text suspected" in (r.reason or "") for r in results if r.status == "rejected")
+    assert sum(len(r.rows) for r in results) == 10
+    # Twelve decoded 1200 px images are 69 MB of float32; one at a time (plus its decode) stays far under.
+    assert peak < 40 * 2**20, f"peak {peak / 2**20:.0f} MiB"
