@@ -158,3 +158,91 @@ def grouped_holdout(groups: Sequence[str], fraction: float, seed: int) -> np.nda
     n_hold = max(1, round(len(uniq) * fraction))
     held = set(uniq[:n_hold])
     return np.array([g in held for g in groups], dtype=bool)
+
+
+def cohort_split(
+    labels: np.ndarray,
+    groups: np.ndarray,
+    batches: np.ndarray,
+    orders: np.ndarray,
+    *,
+    hold_out: Sequence[str] | None = None,
+    test_fraction: float = 0.2,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+) -> np.ndarray:
+    """A shift-aware split: whole acquisition batches, and the earliest acquisitions, are the test set.
+
+    A random patient split tests on the training cohort, so it overestimates how a model does on a new
+    one. Here, within each stratum (a patient's majority label and its batch):
+
+    * a batch in ``hold_out`` goes wholly to test (a separately acquired cohort the model never sees);
+    * otherwise patients are laid end to end in acquisition order (``orders``), and those whose midpoint
+      falls in the first ``test_fraction`` of the stratum's images are test (an earlier period, as in
+      Kermany's official test split); patients without an order (-1) are placed by hash instead;
+    * of the remaining patients, a hashed ``val_fraction`` of the stratum's images is val: the in-cohort
+      normals a threshold is calibrated on, as a deployment would have.
+
+    Args:
+        labels: (N,) label names.
+        groups: (N,) patients (every image of one patient lands in one split).
+        batches: (N,) acquisition batch names ("" for the default batch).
+        orders: (N,) acquisition order numbers (e.g. patient numbers given out in time), -1 when unknown.
+        hold_out: the batches that go wholly to test; None: every named (non-empty) batch.
+        test_fraction: share of each remaining stratum's images that is test.
+        val_fraction: share of each remaining stratum's images that is val.
+        seed: seed of the val hash (the test set does not depend on it).
+
+    Returns:
+        (N,) array of ``"train"``, ``"val"`` or ``"test"``.
+
+    Raises:
+        ValueError: for fractions outside (0, 1) or summing to 1 or more, or arrays of unequal length.
+    """
+    if not (0 < test_fraction < 1 and 0 < val_fraction < 1 and test_fraction + val_fraction < 1):
+        raise ValueError(f"need 0 < test, val and test + val < 1, got {test_fraction}, {val_fraction}")
+    groups, batches = np.asarray(groups, dtype=str), np.asarray(batches, dtype=str)
+    orders = np.asarray(orders, dtype=np.int64)
+    if not len(groups) == len(labels) == len(batches) == len(orders):
+        raise ValueError("labels, groups, batches and orders must have the same length")
+    held = {b for b in batches.tolist() if b} if hold_out is None else set(hold_out)
+    # Stratum: label, batch, and whether the acquisition order is known (unknown ones go by hash).
+    known = np.where(orders >= 0, "k", "u")
+    keys = [
+        f"{lbl}\0{b}\0{k}"
+        for lbl, b, k in zip(
+            np.asarray(labels, dtype=str).tolist(), batches.tolist(), known.tolist(), strict=True
+        )
+    ]
+    strata = _strata(groups, np.array(keys, dtype=str))
+    size: dict[str, int] = defaultdict(int)
+    first: dict[str, int] = {}
+    for g, o in zip(groups.tolist(), orders.tolist(), strict=True):
+        size[g] += 1
+        if o >= 0:  # a patient's earliest known acquisition orders it
+            first[g] = min(first.get(g, o), o)
+    assign: dict[str, str] = {}
+    for stratum in sorted(set(strata.values())):
+        members = [g for g, s in strata.items() if s == stratum]
+        _, batch, order_known = stratum.split("\0")
+        if batch in held:
+            assign.update({g: "test" for g in members})
+            continue
+        by_order = order_known == "k"
+        members.sort(key=lambda g: (first.get(g, 0) if by_order else 0, _group_hash("cohort", seed, g), g))
+        total = sum(size[g] for g in members)
+        done, rest = 0, []
+        for g in members:
+            mid = (done + size[g] / 2.0) / total
+            done += size[g]
+            if mid < test_fraction:
+                assign[g] = "test"
+            else:
+                rest.append(g)
+        rest.sort(key=lambda g: (_group_hash("cohort-val", seed, g), g))
+        done = 0
+        for g in rest:
+            mid = (done + size[g] / 2.0) / total
+            done += size[g]
+            assign[g] = "val" if mid < val_fraction else "train"
+    return np.array([assign[g] for g in groups.tolist()], dtype=str)
