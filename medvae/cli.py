@@ -519,7 +519,9 @@ def evaluate(
     """Evaluate screening, fidelity, synthetic-data utility and privacy on labelled real scans.
 
     Splits are by patient (the Kermany personN / IM-NNNN and NIH NNNNNNNN_ file-name keys, or the
-    store's patient key), and every figure is repeated over the seeds as mean and sd.
+    store's patient key), and every figure is repeated over the seeds as mean and sd. For an ImageFolder,
+    screening is also evaluated on a shift-aware split (a new acquisition batch and the earliest
+    acquisitions held out, see `medvae config evaluate`, shift), reported beside the patient split.
     """
 
     def body() -> None:

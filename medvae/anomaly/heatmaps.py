@@ -176,7 +176,7 @@ def _overlay(grey: np.ndarray, heat: np.ndarray, top: float, lut: np.ndarray) ->
     return np.asarray(np.round(rgb * (1 - alpha) + colour * alpha), dtype=np.uint8)
 
 
-def _tile(image: np.ndarray, heat: np.ndarray, caption: str, top: float, scale: int) -> np.ndarray:
+def heatmap_tile(image: np.ndarray, heat: np.ndarray, caption: str, top: float, scale: int = 4) -> np.ndarray:
     """Image | overlay | colour bar, with the caption strip below."""
     from PIL import Image, ImageDraw
 
@@ -246,6 +246,6 @@ def save_heatmap_pngs(
         if stem.lower() in used:  # two names can sanitise to one; never overwrite an earlier picture
             stem = f"{stem}_{i:05d}"
         used.add(stem.lower())
-        tile = _tile(images[i], maps[i], captions[i] if captions else "", top, scale)
+        tile = heatmap_tile(images[i], maps[i], captions[i] if captions else "", top, scale)
         paths.append(write_png(tile, Path(out_dir) / f"{stem}.png"))
     return paths

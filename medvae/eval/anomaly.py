@@ -16,7 +16,9 @@ import numpy as np
 import torch
 
 from medvae.config import EvaluateConfig, TrainConfig
-from medvae.eval.data import EvalData
+from medvae.eval.cohort import CohortCheck
+from medvae.eval.data import EvalData, ShiftSplit
+from medvae.eval.localisation import LocalisationCheck
 from medvae.eval.metrics import binary_metrics, bootstrap_auroc, confusion, proportion, summarise
 from medvae.eval.scores import REGISTRY, Images, fit_reference, score_images
 from medvae.vae.model import ConvVAE
@@ -46,6 +48,10 @@ class AnomalyRun:
         fidelity: ``{"ssim", "psnr", "n"}`` of reconstructed normal test images.
         training: training facts (best epoch, epochs run, early stop, device, seconds).
         n_train_normal: training normals.
+        split_name: ``"patient"`` or ``"shift"`` (the shift-aware split).
+        cohort: on the shift-aware split, the threshold on the unseen cohort's normals.
+        localisation: the heat maps' lung share (the first seed of each split only).
+        heat: the localisation sample's test rows (into :attr:`test_index`) and their maps, for the figure.
     """
 
     seed: int
@@ -61,6 +67,10 @@ class AnomalyRun:
     fidelity: dict[str, float]
     training: dict[str, Any]
     n_train_normal: int
+    split_name: str = "patient"
+    cohort: CohortCheck | None = None
+    localisation: LocalisationCheck | None = None
+    heat: tuple[np.ndarray, np.ndarray] | None = None
 
     @property
     def flagged(self) -> np.ndarray:
@@ -88,6 +98,9 @@ class AnomalyRun:
             "n_test_abnormal": int((y == 1).sum()),
             **self.training,
             "fidelity": self.fidelity,
+            "split": self.split_name,
+            **({"cohort": self.cohort.metrics()} if self.cohort else {}),
+            **({"localisation": self.localisation.metrics()} if self.localisation else {}),
         }
 
 
@@ -133,7 +146,15 @@ def model_pictures(
 
 
 def run_anomaly_seed(
-    ed: EvalData, cfg: EvaluateConfig, seed: int, device: str, pictures_dir: Path | None, progress: bool
+    ed: EvalData,
+    cfg: EvaluateConfig,
+    seed: int,
+    device: str,
+    pictures_dir: Path | None,
+    progress: bool,
+    *,
+    shift: ShiftSplit | None = None,
+    localise: int = 0,
 ) -> AnomalyRun:
     """Train the anomaly VAE on normal training images, calibrate on val normals, score the test split.
 
@@ -144,11 +165,16 @@ def run_anomaly_seed(
         device: ``"cpu"`` or ``"cuda"``.
         pictures_dir: where to write the model's picture grids (None: none).
         progress: training progress bars.
+        shift: run on this shift-aware split instead of the patient split, and check the threshold on its
+            unseen cohort (:func:`medvae.eval.cohort.check_cohort`).
+        localise: abnormal and normal test images (each) for the localisation check; 0: none.
     """
     from medvae.anomaly.calibration import calibrate, percentile_among_normals
     from medvae.engine.trainer import train_vae
+    from medvae.eval.cohort import check_cohort
+    from medvae.eval.localisation import check_localisation
 
-    x, sp = ed.x, ed.split
+    x, sp = ed.x, (shift.split if shift is not None else ed.split)
     tcfg = with_seed_device(cfg.anomaly, seed, device, conditional=False, num_classes=0)
     t0 = time.perf_counter()
     res = train_vae(x[sp.train_normal], None, tcfg, val_images=x[sp.val_normal], progress=progress)
@@ -168,6 +194,12 @@ def run_anomaly_seed(
     normals = x[sp.test[y == 0]]
     if pictures_dir is not None:
         model_pictures(model, normals, x[sp.test[y == 1]], pictures_dir, cfg.pictures, seed)
+    local, heat = None, None
+    if localise:
+        local, picks, maps = check_localisation(
+            model, cal, x[sp.test], y, scores[cfg.primary_score], localise, seed
+        )
+        heat = (picks, maps)
     return AnomalyRun(
         seed=seed,
         primary=cfg.primary_score,
@@ -180,22 +212,32 @@ def run_anomaly_seed(
         percentile=percentile_among_normals(scores[cfg.primary_score], cal),
         auroc_ci={k: bootstrap_auroc(y, v, cfg.bootstrap, seed=seed) for k, v in scores.items()},
         fidelity=fidelity(model, normals),
-        training={
-            "best_epoch": res.best_epoch,
-            "epochs_run": len(res.history),
-            "stopped_early": res.stopped_early,
-            "device": res.device,
-            "train_seconds": train_s,
-        },
+        training=_training_facts(res, train_s),
         n_train_normal=len(sp.train_normal),
+        split_name="patient" if shift is None else "shift",
+        cohort=None if shift is None else check_cohort(model, cal, ed, shift, scores[cfg.primary_score]),
+        localisation=local,
+        heat=heat,
     )
+
+
+def _training_facts(res: Any, seconds: float) -> dict[str, Any]:
+    return {
+        "best_epoch": res.best_epoch,
+        "epochs_run": len(res.history),
+        "stopped_early": res.stopped_early,
+        "device": res.device,
+        "train_seconds": seconds,
+    }
 
 
 def log_line(run: AnomalyRun) -> str:
     """The one-line progress report of a seed."""
     m = {k: binary_metrics(run.y, v)["auroc"] for k, v in run.scores.items()}
+    split = "" if run.split_name == "patient" else f" ({run.split_name}-aware split)"
     return (
-        f"seed {run.seed} anomaly: {run.primary} AUROC {m[run.primary]:.3f}, recon AUROC {m['recon']:.3f}, "
+        f"seed {run.seed} anomaly{split}: {run.primary} AUROC {m[run.primary]:.3f}, "
+        f"recon AUROC {m['recon']:.3f}, "
         f"SSIM {run.fidelity['ssim']:.3f} ({run.training['train_seconds']:.0f} s training on "
         f"{run.training['device']})"
     )

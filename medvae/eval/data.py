@@ -15,9 +15,16 @@ from typing import Any
 import numpy as np
 
 from medvae._io import atomic_write_bytes
-from medvae.config import EvaluateConfig, IngestConfig, Intensity
+from medvae.config import EvaluateConfig, IngestConfig, Intensity, ShiftSplitConfig
 from medvae.data.deid import patient_from_name
-from medvae.data.splits import SPLITS, check_no_leak, merge_duplicate_groups, patient_split
+from medvae.data.splits import (
+    SPLITS,
+    check_no_leak,
+    cohort_split,
+    grouped_subsample,
+    merge_duplicate_groups,
+    patient_split,
+)
 
 _IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".dcm", ".dicom"})
 _CACHE_FORMAT = "medvae.eval-cache/2"  # 2: the cache holds no file names
@@ -32,12 +39,18 @@ class LabelledImages:
         labels: the label name of each image, (N,) str.
         groups: the patient (or, without one, the image) each image belongs to, (N,) str.
         names: a per-image identifier (path relative to the source, or the store row id), (N,) str.
+        batches: the acquisition batch of each image ("" for the default one), from its file name; None
+            when the source keeps no file names (a store).
+        orders: the acquisition order number of each image (-1: unknown), from its file name; None as
+            for ``batches``.
     """
 
     images: np.ndarray
     labels: np.ndarray
     groups: np.ndarray
     names: np.ndarray
+    batches: np.ndarray | None = None
+    orders: np.ndarray | None = None
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -247,6 +260,35 @@ def _write_cache(
     atomic_write_bytes(cache, buf.getvalue())
 
 
+def acquisition(walk: list[str], rows: np.ndarray, shift: ShiftSplitConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The acquisition batch and order of each loaded image, read from its file name.
+
+    Only these two values are kept: the names themselves may be patient names and never leave
+    :func:`load_dataset`.
+
+    Args:
+        walk: the relative paths of the folder walk, in order.
+        rows: the loaded images' names, ``file-K`` (K: the position in ``walk``).
+        shift: the two regexes.
+
+    Returns:
+        ``(batches, orders)``: (N,) str ("" without a match) and (N,) int64 (-1 without a match).
+    """
+    import re
+
+    batch_re = re.compile(shift.batch_regex) if shift.batch_regex else None
+    order_re = re.compile(shift.order_regex) if shift.order_regex else None
+    batches: list[str] = []
+    orders: list[int] = []
+    for row in rows.tolist():
+        base = walk[int(row.rsplit("-", 1)[1])].rsplit("/", 1)[-1]
+        b = batch_re.search(base) if batch_re else None
+        o = order_re.search(base) if order_re else None
+        batches.append((b.group("batch") or "") if b else "")
+        orders.append(int(o.group("order")) if o and o.group("order") else -1)
+    return np.array(batches, dtype=str), np.array(orders, dtype=np.int64)
+
+
 def load_dataset(
     source: str | Path,
     *,
@@ -254,6 +296,7 @@ def load_dataset(
     ingest_cfg: IngestConfig,
     workers: int,
     cache_dir: Path | None,
+    shift: ShiftSplitConfig | None = None,
 ) -> tuple[LabelledImages, dict[str, Any]]:
     """Load a store version or an ImageFolder tree, through an ``.npz`` cache for folders.
 
@@ -263,6 +306,7 @@ def load_dataset(
         ingest_cfg: decoding settings for folders.
         workers: decoder processes for folders.
         cache_dir: where decoded folders are cached (keyed by file names, sizes, mtimes and settings).
+        shift: the shift-aware split's regexes: a folder's images get their acquisition batch and order.
 
     Returns:
         The images and a description of the source (kind, rejected files, cache use; stores: version and
@@ -288,13 +332,16 @@ def load_dataset(
     names = [p.relative_to(root).as_posix() for p, _ in files]
     signature = _folder_signature(root, files, ingest_cfg)
     cache = None if cache_dir is None else cache_dir / f"images-{signature[:16]}.npz"
-    if cache is not None and cache.exists():
+    cached = cache is not None and cache.exists()
+    if cache is not None and cached:
         data, rejected = _read_cache(cache, names)
-        return data, {"kind": "folder", "path": str(root), "cached": True, "rejected": rejected}
-    data, rejected = load_image_folder(root, ingest_cfg=ingest_cfg, workers=workers, files=files)
-    if cache is not None:
-        _write_cache(cache, data, rejected, names)
-    return data, {"kind": "folder", "path": str(root), "cached": False, "rejected": rejected}
+    else:
+        data, rejected = load_image_folder(root, ingest_cfg=ingest_cfg, workers=workers, files=files)
+        if cache is not None:
+            _write_cache(cache, data, rejected, names)
+    if shift is not None:
+        data.batches, data.orders = acquisition(names, data.names, shift)
+    return data, {"kind": "folder", "path": str(root), "cached": cached, "rejected": rejected}
 
 
 def standardise_intensity(images: np.ndarray, method: Intensity, clip_limit: float = 0.01) -> np.ndarray:
@@ -340,6 +387,27 @@ class EvalSplit:
 
 
 @dataclass(eq=False)
+class ShiftSplit:
+    """The shift-aware split (:func:`medvae.data.splits.cohort_split`) and its new-cohort normals.
+
+    Attributes:
+        split: its index sets (test: the held-out batches and the earliest acquisitions of the others).
+        assignment: ``"train"``/``"val"``/``"test"`` per image.
+        held_out: the batches held out whole.
+        batch: the acquisition batch of every image, (N,).
+        local_normals: held-out-batch test normals a site would recalibrate on (positions).
+        unseen_normals: the other held-out-batch test normals, which measure the recalibrated threshold.
+    """
+
+    split: EvalSplit
+    assignment: np.ndarray
+    held_out: tuple[str, ...]
+    batch: np.ndarray
+    local_normals: np.ndarray
+    unseen_normals: np.ndarray
+
+
+@dataclass(eq=False)
 class EvalData:
     """Everything the studies read: standardised images, 0/1 labels, merged patient groups and the split.
 
@@ -351,6 +419,9 @@ class EvalData:
         assignment: ``"train"``/``"val"``/``"test"`` per image.
         split: the index sets.
         intensity: ``{"at_ingest", "applied_here"}``.
+        shift: the shift-aware split, or None when it is off or the source gives no acquisition batch or
+            order (``shift_note`` says why).
+        shift_note: what the shift-aware split holds out, or why there is none.
     """
 
     x: np.ndarray
@@ -360,6 +431,8 @@ class EvalData:
     assignment: np.ndarray
     split: EvalSplit
     intensity: dict[str, str]
+    shift: ShiftSplit | None = None
+    shift_note: str = ""
 
 
 def prepare(data: LabelledImages, normal_label: str, cfg: EvaluateConfig, at_ingest: str) -> EvalData:
@@ -386,6 +459,26 @@ def prepare(data: LabelledImages, normal_label: str, cfg: EvaluateConfig, at_ing
     groups = merge_duplicate_groups(data.images, data.groups)
     assignment = patient_split(groups, y01.astype(str), cfg.split_fractions, cfg.split_seed)
     check_no_leak(groups, assignment)
+    sp = index_sets(assignment, y01)
+    intensity = {"at_ingest": at_ingest, "applied_here": applied}
+    ed = EvalData(x, y01, groups, data, assignment, sp, intensity)
+    if cfg.shift.enabled:
+        try:
+            ed.shift, ed.shift_note = shift_split(data, y01, groups, cfg)
+        except ValueError as exc:  # the patient split still stands; the report says why there is no other
+            ed.shift, ed.shift_note = None, str(exc)
+    else:
+        ed.shift_note = "it is off (shift.enabled: false)"
+    return ed
+
+
+def index_sets(assignment: np.ndarray, y01: np.ndarray) -> EvalSplit:
+    """The index sets of a train/val/test assignment.
+
+    Raises:
+        ValueError: when the split leaves fewer than 2 normal train, 1 normal val, or test images of
+            only one class.
+    """
     idx = {s: np.flatnonzero(assignment == s) for s in SPLITS}
     sp = EvalSplit(
         train_normal=idx["train"][y01[idx["train"]] == 0],
@@ -401,15 +494,62 @@ def prepare(data: LabelledImages, normal_label: str, cfg: EvaluateConfig, at_ing
             f"abnormal test images (got {len(sp.train_normal)}, {len(sp.val_normal)}, "
             f"test labels {np.unique(sp.test_y).tolist()})"
         )
-    intensity = {"at_ingest": at_ingest, "applied_here": applied}
-    return EvalData(x, y01, groups, data, assignment, sp, intensity)
+    return sp
 
 
-def split_table(ed: EvalData) -> dict[str, Any]:
-    """Images, patients and images per label of each split, for ``metrics.json`` and the report."""
+def shift_split(
+    data: LabelledImages, y01: np.ndarray, groups: np.ndarray, cfg: EvaluateConfig
+) -> tuple[ShiftSplit, str]:
+    """The shift-aware split of the loaded images, and a sentence saying what it holds out.
+
+    Raises:
+        ValueError: when the source has no acquisition batch or order, or the split is too small.
+    """
+    sc = cfg.shift
+    if data.batches is None or data.orders is None:
+        raise ValueError("a store keeps no file names, so no acquisition batch or order")
+    present = sorted({b for b in data.batches.tolist() if b})
+    held = tuple(present if sc.hold_out is None else [b for b in sc.hold_out if b in present])
+    if not held and not (data.orders >= 0).any():
+        raise ValueError("no file name matched shift.batch_regex or shift.order_regex")
+    assignment = cohort_split(
+        data.labels,
+        groups,
+        data.batches,
+        data.orders,
+        hold_out=held,
+        test_fraction=sc.test_fraction,
+        val_fraction=sc.val_fraction,
+        seed=cfg.split_seed,
+    )
+    check_no_leak(groups, assignment)
+    sp = index_sets(assignment, y01)
+    new_normals = sp.test[(sp.test_y == 0) & np.isin(data.batches[sp.test], held)]
+    local = np.zeros(0, dtype=np.int64)
+    take = min(sc.local_normals, len(new_normals) // 2)
+    if take >= 20:  # fewer would make a recalibrated threshold a coin toss (see calibration_warnings)
+        pick = grouped_subsample(
+            groups[new_normals], y01[new_normals].astype(str), take / len(new_normals), 0
+        )
+        local = new_normals[pick]
+    unseen = np.setdiff1d(new_normals, local)
+    what = (
+        f"held out whole: batch{'es' if len(held) > 1 else ''} {', '.join(held)}; " if held else ""
+    ) + f"plus the earliest {sc.test_fraction:.0%} of every other batch and label by acquisition order"
+    return ShiftSplit(sp, assignment, held, data.batches.copy(), local, unseen), what
+
+
+def split_table(ed: EvalData, assignment: np.ndarray | None = None) -> dict[str, Any]:
+    """Images, patients and images per label of each split, for ``metrics.json`` and the report.
+
+    Args:
+        ed: the prepared data.
+        assignment: the split to count (default: the patient split).
+    """
+    assignment = ed.assignment if assignment is None else assignment
     out: dict[str, Any] = {}
     for s in SPLITS:
-        m = ed.assignment == s
+        m = assignment == s
         names, counts = np.unique(ed.source.labels[m], return_counts=True)
         out[s] = {
             "images": int(m.sum()),

@@ -11,6 +11,7 @@ import json
 import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -71,16 +72,57 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
+@dataclass(eq=False)
+class Studies:
+    """The runs of one evaluation.
+
+    Attributes:
+        anomaly: the anomaly study on the patient split, one run per seed.
+        shift: the anomaly study on the shift-aware split (empty when there is none).
+        utility: the utility study, one run per seed (empty when it did not run).
+    """
+
+    anomaly: list[AnomalyRun]
+    shift: list[AnomalyRun]
+    utility: list[UtilityRun]
+
+
 def run_studies(
     ed: EvalData, cfg: EvaluateConfig, device: str, pictures: Path, progress: bool, timing: dict[str, float]
-) -> tuple[list[AnomalyRun], list[UtilityRun]]:
-    """Both studies for every seed (the utility study only when ``cfg.utility``); pictures of the first."""
+) -> Studies:
+    """Both studies for every seed (the utility study only when ``cfg.utility``); pictures of the first.
+
+    The anomaly study runs on the patient split and, when the data gives one, the shift-aware split.
+    """
     t0 = time.perf_counter()
     anomaly: list[AnomalyRun] = []
     for i, seed in enumerate(cfg.seeds):
-        anomaly.append(run_anomaly_seed(ed, cfg, seed, device, pictures if i == 0 else None, progress))
+        first = i == 0
+        anomaly.append(
+            run_anomaly_seed(
+                ed,
+                cfg,
+                seed,
+                device,
+                pictures if first else None,
+                progress,
+                localise=cfg.localisation_images if first else 0,
+            )
+        )
         _log(progress, anomaly_log_line(anomaly[-1]))
     timing["anomaly_seconds"] = time.perf_counter() - t0
+    shifted: list[AnomalyRun] = []
+    if ed.shift is not None:
+        t0 = time.perf_counter()
+        for i, seed in enumerate(cfg.seeds):
+            local = cfg.localisation_images if i == 0 else 0
+            shifted.append(
+                run_anomaly_seed(ed, cfg, seed, device, None, progress, shift=ed.shift, localise=local)
+            )
+            _log(progress, anomaly_log_line(shifted[-1]))
+        timing["shift_seconds"] = time.perf_counter() - t0
+    else:
+        _log(progress, ed.shift_note)
     utility: list[UtilityRun] = []
     if cfg.utility:
         t0 = time.perf_counter()
@@ -91,7 +133,7 @@ def run_studies(
                 _log(progress, utility_log_line(seed, fr))
             utility.append(run)
         timing["utility_seconds"] = time.perf_counter() - t0
-    return anomaly, utility
+    return Studies(anomaly, shifted, utility)
 
 
 def build_metrics(
@@ -102,6 +144,7 @@ def build_metrics(
     *,
     run: dict[str, str],
     info: dict[str, Any],
+    shift: list[AnomalyRun] | None = None,
 ) -> dict[str, Any]:
     """The JSON metrics of a finished evaluation (targets and warnings included; timing added later).
 
@@ -112,6 +155,7 @@ def build_metrics(
         utility: the utility study's seeds (empty when it did not run).
         run: ``{"source", "normal_label", "device"}``.
         info: the source description of :func:`medvae.eval.data.load_dataset`.
+        shift: the anomaly study's seeds on the shift-aware split (None or empty: there was none).
     """
     per_seed = [r.metrics() for r in anomaly]
     rejected = info.get("rejected", [])
@@ -136,8 +180,13 @@ def build_metrics(
             "summary": summarise_anomaly(per_seed),
             "descriptions": {k: s.description for k, s in REGISTRY.items()},
             "gallery": {"seed": anomaly[0].seed, **gallery(anomaly[0], ed, cfg.gallery)},
+            "localisation": per_seed[0].get("localisation"),
         },
     }
+    if shift:
+        metrics["shift"] = shift_metrics(ed, shift)
+    else:
+        metrics["shift_unavailable"] = ed.shift_note
     if utility:
         u_summary, p_summary = summarise_utility(utility)
         metrics["utility"] = {"per_seed": [u.metrics() for u in utility], "summary": u_summary}
@@ -148,8 +197,61 @@ def build_metrics(
     return metrics
 
 
+def shift_metrics(ed: EvalData, shift: list[AnomalyRun]) -> dict[str, Any]:
+    """The shift-aware split's section of ``metrics.json``: its split, seeds, summary and cohort check."""
+    from medvae.eval.cohort import summarise_cohort
+
+    assert ed.shift is not None
+    per_seed = [r.metrics() for r in shift]
+    return {
+        "note": ed.shift_note,
+        "splits": split_table(ed, ed.shift.assignment),
+        "per_seed": per_seed,
+        "summary": summarise_anomaly(per_seed),
+        "cohort": summarise_cohort([r["cohort"] for r in per_seed]),
+        "localisation": per_seed[0].get("localisation"),
+    }
+
+
+def _heatmap_tiles(run: AnomalyRun, abnormal: int = 6, normal: int = 3) -> np.ndarray:
+    """Rows of the localisation sample to show: abnormals and normals spread over their score range."""
+    assert run.heat is not None
+    rows = run.heat[0]
+    s = run.scores[run.primary][rows]
+    out = []
+    for cls, k in ((1, abnormal), (0, normal)):
+        members = np.flatnonzero(run.y[rows] == cls)
+        ordered = members[np.argsort(-s[members], kind="stable")]
+        if len(ordered):
+            spread = np.linspace(0, len(ordered) - 1, min(k, len(ordered))).round().astype(np.int64)
+            out.append(ordered[np.unique(spread)])
+    return np.concatenate(out).astype(np.int64) if out else np.zeros(0, np.int64)
+
+
+def heatmap_figure(run: AnomalyRun, ed: EvalData, path: Path) -> Path | None:
+    """The localisation sample's heat maps, highest-scoring abnormals first, each with its caption."""
+    from medvae.eval.localisation import heatmap_figure as draw
+
+    if run.heat is None or not len(run.heat[0]):
+        return None
+    picks = _heatmap_tiles(run)
+    rows = run.heat[0][picks]
+    captions = []
+    for r in rows.tolist():
+        score = float(run.scores[run.primary][r])
+        verdict = "FLAGGED" if score > run.threshold else "not flagged"
+        label = str(ed.source.labels[run.test_index[r]])
+        captions.append(f"{label} - {verdict}\nscore {score:.3g}, pct {run.percentile[r]:.1f}")
+    return draw(ed.x[run.test_index[rows]], run.heat[1][picks], captions, path)
+
+
 def make_figures(
-    ed: EvalData, anomaly: list[AnomalyRun], utility: list[UtilityRun], metrics: dict[str, Any], out: Path
+    ed: EvalData,
+    anomaly: list[AnomalyRun],
+    utility: list[UtilityRun],
+    metrics: dict[str, Any],
+    out: Path,
+    shift: list[AnomalyRun] | None = None,
 ) -> dict[str, Figure]:
     """Draw every figure into ``out`` and return them by report role (model grids already written)."""
     from medvae.synth.pictures import save_grid
@@ -197,6 +299,23 @@ def make_figures(
         for c, name in ((0, "normal"), (1, "abnormal")):
             if len(samples[c]):
                 save_grid(samples[c], out / f"samples_cvae_{name}.png")
+    heat_runs: list[tuple[str, AnomalyRun, str]] = [("heatmaps", anomaly[0], "patient split")]
+    if shift:
+        heat_runs.append(("heatmaps_shift", shift[0], "shift-aware split"))
+    for role, hr, what in heat_runs:
+        path = heatmap_figure(hr, ed, out / f"{role}.png")
+        if path is not None:
+            figs[role] = Figure(
+                path,
+                f"Occlusion heat maps of {primary}, {what}, seed {hr.seed}: scan, heat over it, colour "
+                "bar (one scale for all tiles); abnormals from the highest score down, then normals",
+            )
+    if shift:
+        sm = metrics["shift"]
+        figs["roc_shift"] = Figure(
+            plots.plot_roc(shift, sm["summary"]["scores"], out / "roc_shift.png"),
+            "ROC curves on the shift-aware split",
+        )
     for role, caption in _GRIDS.items():
         figs.setdefault(role, Figure(out / f"{role}.png", caption))
     return figs
@@ -248,6 +367,7 @@ def evaluate(
         ingest_cfg=cfg.ingest,
         workers=cfg.workers,
         cache_dir=out_dir / "cache",
+        shift=cfg.shift if cfg.shift.enabled else None,
     )
     report_rejected(info.get("rejected", []))
     timing = {"load_seconds": time.perf_counter() - t_start}
@@ -257,10 +377,10 @@ def evaluate(
         f"loaded {len(data.images)} images ({info['kind']}), labels {sorted(set(data.labels.tolist()))}",
     )
     device = select_device(cfg.device).type
-    anomaly, utility = run_studies(ed, cfg, device, pictures, progress, timing)
+    st = run_studies(ed, cfg, device, pictures, progress, timing)
     run = {"source": str(source), "normal_label": normal_label, "device": device}
-    metrics = build_metrics(ed, cfg, anomaly, utility, run=run, info=info)
-    figures = make_figures(ed, anomaly, utility, metrics, pictures)
+    metrics = build_metrics(ed, cfg, st.anomaly, st.utility, run=run, info=info, shift=st.shift)
+    figures = make_figures(ed, st.anomaly, st.utility, metrics, pictures, shift=st.shift)
     timing["total_seconds"] = time.perf_counter() - t_start
     metrics["timing"] = timing
     atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
@@ -272,6 +392,41 @@ def evaluate(
         f"wrote {out_dir / 'metrics.json'} and {out_dir / 'report.html'} in {timing['total_seconds']:.0f} s",
     )
     return metrics
+
+
+def _pct_msd(v: dict[str, Any]) -> str:
+    if v.get("mean") is None:
+        return "n/a"
+    return f"{100 * v['mean']:.1f}%" + (f" ± {100 * v['sd']:.1f}" if v.get("n", 0) > 1 else "")
+
+
+def _shift_lines(metrics: dict[str, Any]) -> list[str]:
+    """The shift-aware split beside the patient split, and the heat maps' localisation."""
+    an = metrics["anomaly"]["summary"]
+    primary = an["primary_score"]
+    lines = []
+    if "shift" not in metrics:
+        lines.append(f"shift-aware split: none ({metrics.get('shift_unavailable', 'not run')})")
+    else:
+        sh, co = metrics["shift"]["summary"], metrics["shift"]["cohort"]
+        lines += [
+            f"{primary} AUROC, patient split {fmt_msd(an['scores'][primary]['auroc'])} | shift-aware split "
+            f"{fmt_msd(sh['scores'][primary]['auroc'])} ({metrics['shift']['note']})",
+            f"threshold on the new cohort's normals (target {sh['target_fpr']:.0%}): stored "
+            f"{_pct_msd(co['new_cohort_fpr'])}; recalibrated on {co['local_normals']} of its normals "
+            f"{_pct_msd(co['recalibrated_fpr'])} (sensitivity {fmt_msd(co['recalibrated_sensitivity'])})",
+        ]
+    for name, loc in (
+        ("patient", metrics["anomaly"].get("localisation")),
+        ("shift-aware", metrics.get("shift", {}).get("localisation")),
+    ):
+        if loc and loc.get("chance"):
+            lines.append(
+                f"heat maps, {name} split: {loc['share_abnormal']:.3f} of the heat in the lungs for "
+                f"abnormals ({loc['abnormal_x_chance']:.2f}x chance {loc['chance']:.3f}), "
+                f"{loc['share_normal']:.3f} for normals ({loc['n_abnormal']}+{loc['n_normal']} images)"
+            )
+    return lines
 
 
 def summary_lines(metrics: dict[str, Any]) -> list[str]:
@@ -302,6 +457,7 @@ def summary_lines(metrics: dict[str, Any]) -> list[str]:
     lines.append(
         f"fidelity on held-out normals: SSIM {fmt_msd(an['ssim'])}, PSNR {fmt_msd(an['psnr'], 2)} dB"
     )
+    lines += _shift_lines(metrics)
     if "utility" in metrics:
         lines.append("utility, fixed CNN test AUROC (real | real+synthetic | synthetic only | TSTR/real):")
         for f, v in metrics["utility"]["summary"].items():

@@ -180,6 +180,8 @@ def test_evaluate_reads_a_store_version(tmp_path: Path) -> None:
     # The store's images were standardised at ingest (the default): never standardise them twice.
     assert m["intensity"] == {"at_ingest": "clahe", "applied_here": "none"}
     assert "utility" not in m
+    # A store keeps no file names, so no acquisition batch: said, not silently skipped.
+    assert "shift" not in m and "store keeps no file names" in m["shift_unavailable"]
     raw = Store(str(tmp_path / "raw"))
     ingest([root], raw, IngestConfig(workers=1, intensity="none"))
     m2 = evaluate(raw.uri, tmp_path / "out2", normal_label="normal", cfg=cfg, progress=False)

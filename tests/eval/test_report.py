@@ -201,3 +201,59 @@ def test_utility_axis_shows_a_bar_far_below_chance() -> None:
     assert ax.get_ylim()[0] <= 0.0 and ax.get_ylim()[1] >= 1.0
     assert {t.get_text() for t in ax.texts} >= {"0.237", "n/a"}
     plots._pyplot().close(fig)
+
+
+def _shift_run(new_fpr: tuple[int, int], recal_fpr: tuple[int, int]) -> AnomalyRun:
+    from dataclasses import replace
+
+    from medvae.eval.cohort import CohortCheck
+    from medvae.eval.localisation import LocalisationCheck
+    from medvae.eval.metrics import proportion
+
+    cohort = CohortCheck(
+        held_out=("NORMAL2",),
+        fpr_by_batch={"(default batch)": proportion(0, 2), "NORMAL2": proportion(*new_fpr)},
+        new_cohort_fpr=proportion(*new_fpr),
+        local_normals=300,
+        recalibrated_threshold=9.5,
+        recalibrated_fpr=proportion(*recal_fpr),
+        recalibrated_sensitivity=0.8,
+    )
+    loc = LocalisationCheck(6, 6, 0.25, 0.35, 0.22, 0.9)
+    heat = (np.arange(12), np.random.default_rng(0).random((12, 8, 8)).astype(np.float32))
+    return replace(_run(0, _GOOD), split_name="shift", cohort=cohort, localisation=loc, heat=heat)
+
+
+def test_the_shift_split_sits_beside_the_patient_split_with_its_fpr_targets(tmp_path: Path) -> None:
+    ed = _data()
+    runs = [_run(0, _GOOD)]
+    run = {"source": "/data", "normal_label": "normal", "device": "cpu"}
+    shift = [_shift_run(new_fpr=(90, 744), recal_fpr=(22, 444))]
+    ed.shift_note = "held out whole: batch NORMAL2"
+    ed.shift = type("S", (), {"assignment": ed.assignment})()  # only its assignment is read
+    m = build_metrics(ed, EvaluateConfig(), runs, [], run=run, info={}, shift=shift)
+    m["timing"] = {"total_seconds": 1.0}
+    co = m["shift"]["cohort"]
+    assert co["new_cohort_fpr"]["mean"] == pytest.approx(90 / 744)
+    assert co["recalibrated_fpr"]["mean"] == pytest.approx(22 / 444)
+    rows = {t["target"]: t for t in m["targets"]}
+    assert rows["stored threshold on the new cohort's normals: FPR <= 1.4 x target"]["met"] is False
+    assert rows["threshold recalibrated on the new cohort's normals: FPR <= 1.4 x target"]["met"] is True
+    assert rows["threshold recalibrated on the new cohort's normals: FPR <= 1.4 x target"]["required"] == (
+        pytest.approx(0.07)
+    )
+    figs = make_figures(ed, runs, [], m, tmp_path, shift=shift)
+    assert figs["heatmaps_shift"].path.exists() and figs["roc_shift"].path.exists()
+    html = render_report(m, figs)
+    assert "12.1% (90/744)" in html and "5.0% (22/444)" in html and "NORMAL2" in html
+    assert re.search(r'class="bad">12\.1% \(90/744\)', html)  # the stored threshold fails: marked
+    lines = summary_lines(m)
+    assert any("stored 12.1%; recalibrated on 300 of its normals 5.0%" in line for line in lines)
+    assert any("0.350 of the heat in the lungs for abnormals (1.40x chance 0.250)" in line for line in lines)
+
+
+def test_without_a_shift_split_the_report_says_why() -> None:
+    m, _, _ = _metrics()
+    assert "shift" not in m
+    m["shift_unavailable"] = "a store keeps no file names"
+    assert "No shift-aware split (a store keeps no file names)" in render_report(m, {})

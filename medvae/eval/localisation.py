@@ -1,0 +1,136 @@
+"""The evaluation's localisation check: do the occlusion heat maps of the deciding score fall on the lungs?
+
+For a seeded random sample of abnormal and normal test images, the occlusion maps of the calibrated
+score (:func:`medvae.anomaly.heatmaps.occlusion_maps`, the maps ``medvae screen --heatmaps`` writes) are
+measured against the lung mask of the mean training normal (:mod:`medvae.anomaly.localisation`). A map
+that reads disease puts more of its heat inside the lungs than chance (the mask's area share), and more
+for abnormal than for normal chests; its total heat should track the score.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medvae.anomaly.calibration import Calibration
+from medvae.vae.model import ConvVAE
+
+
+@dataclass(frozen=True)
+class LocalisationCheck:
+    """The heat maps' lung share on a sample of test images (one seed).
+
+    Attributes:
+        n_abnormal: abnormal test images measured.
+        n_normal: normal test images measured.
+        chance: the lung mask's share of the image (the share of a map blind to anatomy).
+        share_abnormal: mean share of heat inside the lungs, abnormal images.
+        share_normal: the same for normal images.
+        spearman_abnormal: rank correlation of an abnormal image's total heat with its score.
+        mask_error: why no lung mask could be made (the other fields are then empty), else "".
+    """
+
+    n_abnormal: int
+    n_normal: int
+    chance: float | None
+    share_abnormal: float | None
+    share_normal: float | None
+    spearman_abnormal: float | None
+    mask_error: str = ""
+
+    def metrics(self) -> dict[str, Any]:
+        """The JSON figures, with the abnormal share as a multiple of chance."""
+        ratio = (
+            self.share_abnormal / self.chance
+            if self.share_abnormal is not None and self.chance
+            else None
+        )
+        return {
+            "n_abnormal": self.n_abnormal,
+            "n_normal": self.n_normal,
+            "chance": self.chance,
+            "share_abnormal": self.share_abnormal,
+            "share_normal": self.share_normal,
+            "abnormal_x_chance": ratio,
+            "spearman_abnormal": self.spearman_abnormal,
+            "mask_error": self.mask_error,
+        }
+
+
+def _sample(candidates: np.ndarray, k: int, seed: int) -> np.ndarray:
+    if len(candidates) <= k:
+        return candidates
+    return np.sort(np.random.default_rng(seed).choice(candidates, size=k, replace=False))
+
+
+def check_localisation(
+    model: ConvVAE,
+    cal: Calibration,
+    test_images: np.ndarray,
+    test_y: np.ndarray,
+    scores: np.ndarray,
+    k: int,
+    seed: int,
+) -> tuple[LocalisationCheck, np.ndarray, np.ndarray]:
+    """Occlusion maps of up to ``k`` abnormal and ``k`` normal test images and their lung shares.
+
+    Args:
+        model: the trained anomaly VAE.
+        cal: its calibration (score, latent reference, mean training image).
+        test_images: uint8 (N, H, W), as the model scores them.
+        test_y: 0/1 per test image.
+        scores: the calibrated score of each test image.
+        k: images per class.
+        seed: the sample's seed.
+
+    Returns:
+        The check, the sampled test positions (into ``test_images``) and their maps (for the figure).
+    """
+    from scipy.stats import spearmanr
+
+    from medvae.anomaly.heatmaps import occlusion_maps
+    from medvae.anomaly.localisation import lung_mask, share_inside
+
+    ab = _sample(np.flatnonzero(test_y == 1), k, seed)
+    no = _sample(np.flatnonzero(test_y == 0), k, seed + 1)
+    picks = np.concatenate([ab, no])
+    maps = occlusion_maps(model, test_images[picks], cal)
+    try:
+        mask = lung_mask(cal.mean_image)
+    except ValueError as exc:
+        return LocalisationCheck(len(ab), len(no), None, None, None, None, str(exc)), picks, maps
+    shares, chance = share_inside(maps, mask)
+    rho = None
+    if len(ab) >= 3 and np.ptp(scores[ab]) > 0:
+        rho = float(spearmanr(maps[: len(ab)].sum(axis=(1, 2)), scores[ab]).statistic)
+    check = LocalisationCheck(
+        n_abnormal=len(ab),
+        n_normal=len(no),
+        chance=chance,
+        share_abnormal=float(shares[: len(ab)].mean()) if len(ab) else None,
+        share_normal=float(shares[len(ab) :].mean()) if len(no) else None,
+        spearman_abnormal=rho,
+    )
+    return check, picks, maps
+
+
+def heatmap_figure(
+    images: np.ndarray, maps: np.ndarray, captions: list[str], path: Path, columns: int = 3
+) -> Path:
+    """One PNG of heat-map tiles (scan | overlay | colour bar, caption), on one shared colour scale."""
+    from medvae._io import write_png
+    from medvae.anomaly.heatmaps import heatmap_tile
+
+    top = float(maps.max()) if maps.size and maps.max() > 0 else 1.0
+    tiles = [heatmap_tile(img, m, c, top) for img, m, c in zip(images, maps, captions, strict=True)]
+    h = max(t.shape[0] for t in tiles)
+    w = max(t.shape[1] for t in tiles)
+    rows = -(-len(tiles) // columns)
+    canvas = np.zeros((rows * (h + 6), columns * (w + 6), 3), np.uint8)
+    for i, t in enumerate(tiles):
+        r, c = divmod(i, columns)
+        canvas[r * (h + 6) : r * (h + 6) + t.shape[0], c * (w + 6) : c * (w + 6) + t.shape[1]] = t
+    return write_png(canvas, path)
