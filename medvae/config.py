@@ -392,6 +392,12 @@ class ShiftSplitConfig(_Frozen):
         description="Held-out-batch normals the evaluation recalibrates the threshold on, as a site would "
         "with `medvae recalibrate`; the rest of that batch's normals measure the recalibrated threshold.",
     )
+    recalibration_draws: int = Field(
+        20,
+        ge=1,
+        description="Patient-grouped draws of those local normals per seed: a site's FPR after "
+        "recalibrating depends on which normals it happened to have, so the rate is averaged over draws.",
+    )
 
     @field_validator("batch_regex", "order_regex")
     @classmethod

@@ -32,10 +32,13 @@ class CohortCheck:
         fpr_by_batch: per acquisition batch of the test normals, the rate at the stored threshold
             (:func:`medvae.eval.metrics.proportion`: value, k, n, 95 % Clopper-Pearson interval).
         new_cohort_fpr: the same over every test normal of the held-out batches.
-        local_normals: held-out-batch normals the threshold was recalibrated on (0: not done).
-        recalibrated_threshold: the threshold they give (None when not done).
-        recalibrated_fpr: its rate on the other held-out-batch normals.
-        recalibrated_sensitivity: the share of test abnormals it flags.
+        local_normals: new-cohort normals each draw recalibrates on (0: not done).
+        recalibrated_threshold: the first draw's threshold, set by
+            :func:`medvae.anomaly.calibration.recalibrate` (None when not done).
+        recalibrated_fpr: the first draw's rate on the other new-cohort normals.
+        draws: how many draws of local normals were made.
+        recalibrated_fpr_draws: the rate of every draw (a site's rate depends on its normals).
+        recalibrated_sensitivity: the mean, over draws, share of test abnormals flagged.
     """
 
     held_out: tuple[str, ...]
@@ -44,10 +47,13 @@ class CohortCheck:
     local_normals: int
     recalibrated_threshold: float | None
     recalibrated_fpr: dict[str, Any]
-    recalibrated_sensitivity: float | None
+    draws: int = 0
+    recalibrated_fpr_draws: tuple[float, ...] = ()
+    recalibrated_sensitivity: float | None = None
 
     def metrics(self) -> dict[str, Any]:
-        """The JSON figures."""
+        """The JSON figures; ``recalibrated_fpr_mean`` and its 5-95 % range summarise the draws."""
+        d = np.asarray(self.recalibrated_fpr_draws, dtype=np.float64)
         return {
             "held_out": list(self.held_out),
             "fpr_by_batch": self.fpr_by_batch,
@@ -55,6 +61,9 @@ class CohortCheck:
             "local_normals": self.local_normals,
             "recalibrated_threshold": self.recalibrated_threshold,
             "recalibrated_fpr": self.recalibrated_fpr,
+            "draws": self.draws,
+            "recalibrated_fpr_mean": float(d.mean()) if d.size else None,
+            "recalibrated_fpr_range90": [float(x) for x in np.quantile(d, [0.05, 0.95])] if d.size else None,
             "recalibrated_sensitivity": self.recalibrated_sensitivity,
         }
 
@@ -64,9 +73,21 @@ def _rate(flags: np.ndarray) -> dict[str, Any]:
 
 
 def check_cohort(
-    model: ConvVAE, cal: Calibration, ed: EvalData, shift: ShiftSplit, test_scores: np.ndarray
+    model: ConvVAE,
+    cal: Calibration,
+    ed: EvalData,
+    shift: ShiftSplit,
+    test_scores: np.ndarray,
+    *,
+    seed: int = 0,
+    draws: int = 1,
 ) -> CohortCheck:
     """The stored and the recalibrated threshold on the shift-aware split's unseen normals.
+
+    Each draw takes ``shift.local_count`` new-cohort normals (whole patients) as the site's own, sets
+    the threshold on them and measures it on the rest. The first draw goes through
+    :func:`medvae.anomaly.calibration.recalibrate`, the code behind ``medvae recalibrate``; the others
+    take the same quantile of the same scores, which needs no new forward pass.
 
     Args:
         model: the anomaly VAE trained on the shift-aware split's training normals.
@@ -74,30 +95,40 @@ def check_cohort(
         ed: the prepared data.
         shift: the shift-aware split.
         test_scores: the calibrated score of every test image of ``shift.split`` (in its order).
+        seed: the model seed (draws differ between seeds).
+        draws: draws of local normals.
     """
+    from medvae.anomaly.calibration import threshold_at_fpr
+
     sp = shift.split
     score_at = dict(zip(sp.test.tolist(), test_scores.tolist(), strict=True))
     normal = sp.test[sp.test_y == 0]
     batch = shift.batch[normal]
     flags = test_scores[sp.test_y == 0] > cal.threshold
     by_batch = {(b or DEFAULT_BATCH): _rate(flags[batch == b]) for b in sorted(set(batch.tolist()))}
-    new = np.isin(batch, shift.held_out)
-    recal_t, recal_fpr, recal_sens = None, proportion(0, 0), None
-    if len(shift.local_normals):
-        recal = recalibrate(model, cal, ed.x[shift.local_normals])
-        recal_t = float(recal.threshold)
-        unseen = np.array([score_at[i] for i in shift.unseen_normals.tolist()], dtype=np.float64)
-        recal_fpr = _rate(unseen > recal_t)
-        abnormal = test_scores[sp.test_y == 1]
-        recal_sens = float((abnormal > recal_t).mean()) if len(abnormal) else None
+    first_t, first_fpr, rates, sens = None, proportion(0, 0), [], []
+    abnormal = test_scores[sp.test_y == 1]
+    for r in range(draws if shift.local_count else 0):
+        local, unseen = shift.draw(seed * 1000 + r)
+        if r == 0:
+            t = float(recalibrate(model, cal, ed.x[local]).threshold)
+        else:
+            t = threshold_at_fpr(np.array([score_at[i] for i in local.tolist()]), cal.fpr)
+        flagged = np.array([score_at[i] for i in unseen.tolist()]) > t
+        if r == 0:
+            first_t, first_fpr = t, _rate(flagged)
+        rates.append(float(flagged.mean()))
+        sens.append(float((abnormal > t).mean()) if len(abnormal) else float("nan"))
     return CohortCheck(
         held_out=shift.held_out,
         fpr_by_batch=by_batch,
-        new_cohort_fpr=_rate(flags[new]),
-        local_normals=len(shift.local_normals),
-        recalibrated_threshold=recal_t,
-        recalibrated_fpr=recal_fpr,
-        recalibrated_sensitivity=recal_sens,
+        new_cohort_fpr=_rate(flags[np.isin(batch, shift.held_out)]),
+        local_normals=shift.local_count,
+        recalibrated_threshold=first_t,
+        recalibrated_fpr=first_fpr,
+        draws=len(rates),
+        recalibrated_fpr_draws=tuple(rates),
+        recalibrated_sensitivity=float(np.nanmean(sens)) if sens and len(abnormal) else None,
     )
 
 
@@ -109,7 +140,8 @@ def summarise_cohort(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "held_out": per_seed[0]["held_out"],
         "new_cohort_fpr": summarise([r["new_cohort_fpr"]["value"] for r in per_seed]),
-        "recalibrated_fpr": summarise([r["recalibrated_fpr"]["value"] for r in per_seed]),
+        "recalibrated_fpr": summarise([r["recalibrated_fpr_mean"] for r in per_seed]),
+        "draws": per_seed[0]["draws"],
         "recalibrated_sensitivity": summarise([r["recalibrated_sensitivity"] for r in per_seed]),
         "local_normals": per_seed[0]["local_normals"],
         "fpr_by_batch": {

@@ -395,16 +395,30 @@ class ShiftSplit:
         assignment: ``"train"``/``"val"``/``"test"`` per image.
         held_out: the batches held out whole.
         batch: the acquisition batch of every image, (N,).
-        local_normals: held-out-batch test normals a site would recalibrate on (positions).
-        unseen_normals: the other held-out-batch test normals, which measure the recalibrated threshold.
+        new_normals: the held-out batches' test normals (positions).
+        new_groups: their patients.
+        local_count: how many of them a draw gives a site to recalibrate on (0: too few to draw).
     """
 
     split: EvalSplit
     assignment: np.ndarray
     held_out: tuple[str, ...]
     batch: np.ndarray
-    local_normals: np.ndarray
-    unseen_normals: np.ndarray
+    new_normals: np.ndarray
+    new_groups: np.ndarray
+    local_count: int
+
+    def draw(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k``-th patient-grouped draw of local normals from the new cohort, and the rest.
+
+        Returns:
+            ``(local, unseen)`` positions: the normals a site recalibrates on, and those that measure it.
+        """
+        if not self.local_count:
+            return np.zeros(0, dtype=np.int64), self.new_normals
+        share = self.local_count / len(self.new_normals)
+        pick = grouped_subsample(self.new_groups, np.full(len(self.new_groups), "normal"), share, seed=k)
+        return self.new_normals[pick], self.new_normals[~pick]
 
 
 @dataclass(eq=False)
@@ -525,18 +539,13 @@ def shift_split(
     check_no_leak(groups, assignment)
     sp = index_sets(assignment, y01)
     new_normals = sp.test[(sp.test_y == 0) & np.isin(data.batches[sp.test], held)]
-    local = np.zeros(0, dtype=np.int64)
     take = min(sc.local_normals, len(new_normals) // 2)
-    if take >= 20:  # fewer would make a recalibrated threshold a coin toss (see calibration_warnings)
-        pick = grouped_subsample(
-            groups[new_normals], y01[new_normals].astype(str), take / len(new_normals), 0
-        )
-        local = new_normals[pick]
-    unseen = np.setdiff1d(new_normals, local)
+    take = take if take >= 20 else 0  # fewer would make a recalibrated threshold a coin toss
     what = (
         f"held out whole: batch{'es' if len(held) > 1 else ''} {', '.join(held)}; " if held else ""
     ) + f"plus the earliest {sc.test_fraction:.0%} of every other batch and label by acquisition order"
-    return ShiftSplit(sp, assignment, held, data.batches.copy(), local, unseen), what
+    shift = ShiftSplit(sp, assignment, held, data.batches.copy(), new_normals, groups[new_normals], take)
+    return shift, what
 
 
 def split_table(ed: EvalData, assignment: np.ndarray | None = None) -> dict[str, Any]:

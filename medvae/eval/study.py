@@ -414,7 +414,8 @@ def _shift_lines(metrics: dict[str, Any]) -> list[str]:
             f"{fmt_msd(sh['scores'][primary]['auroc'])} ({metrics['shift']['note']})",
             f"threshold on the new cohort's normals (target {sh['target_fpr']:.0%}): stored "
             f"{_pct_msd(co['new_cohort_fpr'])}; recalibrated on {co['local_normals']} of its normals "
-            f"{_pct_msd(co['recalibrated_fpr'])} (sensitivity {fmt_msd(co['recalibrated_sensitivity'])})",
+            f"{_pct_msd(co['recalibrated_fpr'])} (mean of {co['draws']} draws a seed; sensitivity "
+            f"{fmt_msd(co['recalibrated_sensitivity'])})",
         ]
     for name, loc in (
         ("patient", metrics["anomaly"].get("localisation")),

@@ -46,7 +46,7 @@ def _cfg(**kw: object) -> EvaluateConfig:
 
 def test_the_new_batch_is_held_out_and_the_threshold_is_recalibrated_on_part_of_it(tmp_path: Path) -> None:
     root = _folder(tmp_path / "data")
-    cfg = _cfg(shift=ShiftSplitConfig(local_normals=22), localisation_images=4)
+    cfg = _cfg(shift=ShiftSplitConfig(local_normals=22, recalibration_draws=5), localisation_images=4)
     data, _ = load_dataset(
         root, store_version=None, ingest_cfg=cfg.ingest, workers=1, cache_dir=None, shift=cfg.shift
     )
@@ -56,23 +56,33 @@ def test_the_new_batch_is_held_out_and_the_threshold_is_recalibrated_on_part_of_
     assert ed.shift is not None and ed.shift.held_out == ("NORMAL2",)
     n2 = data.batches == "NORMAL2"
     assert (ed.shift.assignment[n2] == "test").all()
-    # Local and unseen normals are disjoint and together make the whole new batch.
-    assert not set(ed.shift.local_normals.tolist()) & set(ed.shift.unseen_normals.tolist())
-    assert sorted([*ed.shift.local_normals, *ed.shift.unseen_normals]) == np.flatnonzero(n2).tolist()
-    assert len(ed.shift.local_normals) == 22
+    # A draw's local and unseen normals are disjoint and together make the whole new batch.
+    local, unseen = ed.shift.draw(0)
+    assert not set(local.tolist()) & set(unseen.tolist()) and len(local) == 22
+    assert sorted([*local, *unseen]) == np.flatnonzero(n2).tolist()
+    assert not np.array_equal(np.sort(local), np.sort(ed.shift.draw(1)[0]))  # draws differ
 
-    run = run_anomaly_seed(ed, cfg, 0, "cpu", None, False, shift=ed.shift, localise=4)
+    run = run_anomaly_seed(ed, cfg, 3, "cpu", None, False, shift=ed.shift, localise=4)
     assert run.split_name == "shift" and run.cohort is not None
     at = dict(zip(run.test_index.tolist(), run.scores["mahalanobis"].tolist(), strict=True))
-    local = np.array([at[i] for i in ed.shift.local_normals.tolist()])
-    unseen = np.array([at[i] for i in ed.shift.unseen_normals.tolist()])
-    # `medvae recalibrate`'s code path gives the threshold of the local normals' own scores ...
-    assert run.cohort.recalibrated_threshold == pytest.approx(threshold_at_fpr(local, 0.05))
-    # ... and its rate is measured on the other new-batch normals only.
-    assert run.cohort.recalibrated_fpr["n"] == len(unseen)
-    assert run.cohort.recalibrated_fpr["k"] == int((unseen > run.cohort.recalibrated_threshold).sum())
+    rates = []
+    for r in range(5):
+        loc, rest = ed.shift.draw(3 * 1000 + r)
+        t = threshold_at_fpr(np.array([at[i] for i in loc.tolist()]), 0.05)
+        rest_scores = np.array([at[i] for i in rest.tolist()])
+        rates.append(float((rest_scores > t).mean()))
+        if r == 0:
+            # `medvae recalibrate`'s code path gives the threshold of the local normals' own scores,
+            # and its rate is measured on the other new-batch normals only.
+            assert run.cohort.recalibrated_threshold == pytest.approx(t)
+            assert run.cohort.recalibrated_fpr["n"] == len(rest)
+            assert run.cohort.recalibrated_fpr["k"] == int((rest_scores > t).sum())
+    assert run.cohort.draws == 5 and run.cohort.metrics()["recalibrated_fpr_mean"] == pytest.approx(
+        np.mean(rates)
+    )
+    new = np.array([at[i] for i in np.flatnonzero(n2).tolist()])
     stored = run.cohort.fpr_by_batch["NORMAL2"]
-    assert stored["n"] == n2.sum() and stored["k"] == int((np.r_[local, unseen] > run.threshold).sum())
+    assert stored["n"] == n2.sum() and stored["k"] == int((new > run.threshold).sum())
     assert run.localisation is not None and run.localisation.n_abnormal == 4
 
 
