@@ -64,7 +64,8 @@ def _curves(runs: list[AnomalyRun], summary: dict[str, Any], path: Path, kind: s
     ax.set_ylim(0, 1.02)
     what = "AUROC" if kind == "roc" else "AUPRC"
     seeds = f"{len(runs)} seed{'s' if len(runs) > 1 else ''}"
-    ax.set_title(f"{'ROC' if kind == 'roc' else 'Precision-recall'}, test split ({seeds}, {what} mean ± sd)")
+    split = "test split" if runs[0].split_name == "patient" else f"{runs[0].split_name}-aware test split"
+    ax.set_title(f"{'ROC' if kind == 'roc' else 'Precision-recall'}, {split} ({seeds}, {what} mean ± sd)")
     ax.legend(loc=legend_at, fontsize=8)
     return _save(fig, path)
 
