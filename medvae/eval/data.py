@@ -541,9 +541,11 @@ def shift_split(
     new_normals = sp.test[(sp.test_y == 0) & np.isin(data.batches[sp.test], held)]
     take = min(sc.local_normals, len(new_normals) // 2)
     take = take if take >= 20 else 0  # fewer would make a recalibrated threshold a coin toss
-    what = (
-        f"held out whole: batch{'es' if len(held) > 1 else ''} {', '.join(held)}; " if held else ""
-    ) + f"plus the earliest {sc.test_fraction:.0%} of every other batch and label by acquisition order"
+    early = f"the earliest {sc.test_fraction:.0%} of every other batch and label by acquisition order"
+    if held:
+        what = f"held out whole: batch{'es' if len(held) > 1 else ''} {', '.join(held)}; plus {early}"
+    else:  # e.g. ChestX-ray14 names: patient numbers, no batch
+        what = f"no batch to hold out whole; test is {early.replace(' other', '')}"
     shift = ShiftSplit(sp, assignment, held, data.batches.copy(), new_normals, groups[new_normals], take)
     return shift, what
 

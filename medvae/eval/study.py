@@ -409,14 +409,19 @@ def _shift_lines(metrics: dict[str, Any]) -> list[str]:
         lines.append(f"shift-aware split: none ({metrics.get('shift_unavailable', 'not run')})")
     else:
         sh, co = metrics["shift"]["summary"], metrics["shift"]["cohort"]
-        lines += [
+        lines.append(
             f"{primary} AUROC, patient split {fmt_msd(an['scores'][primary]['auroc'])} | shift-aware split "
-            f"{fmt_msd(sh['scores'][primary]['auroc'])} ({metrics['shift']['note']})",
-            f"threshold on the new cohort's normals (target {sh['target_fpr']:.0%}): stored "
-            f"{_pct_msd(co['new_cohort_fpr'])}; recalibrated on {co['local_normals']} of its normals "
-            f"{_pct_msd(co['recalibrated_fpr'])} (mean of {co['draws']} draws a seed; sensitivity "
-            f"{fmt_msd(co['recalibrated_sensitivity'])})",
-        ]
+            f"{fmt_msd(sh['scores'][primary]['auroc'])} ({metrics['shift']['note']})"
+        )
+        if not co["held_out"]:
+            lines.append("threshold on a new cohort: not checked (the shift-aware split holds out no batch)")
+        else:
+            lines.append(
+                f"threshold on the new cohort's normals (target {sh['target_fpr']:.0%}): stored "
+                f"{_pct_msd(co['new_cohort_fpr'])}; recalibrated on {co['local_normals']} of its normals "
+                f"{_pct_msd(co['recalibrated_fpr'])} (mean of {co['draws']} draws a seed; sensitivity "
+                f"{fmt_msd(co['recalibrated_sensitivity'])})"
+            )
     for name, loc in (
         ("patient", metrics["anomaly"].get("localisation")),
         ("shift-aware", metrics.get("shift", {}).get("localisation")),

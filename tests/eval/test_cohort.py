@@ -121,3 +121,16 @@ def test_without_batches_or_orders_there_is_no_shift_split_and_the_note_says_why
     assert ed.shift is None and "no file name matched" in ed.shift_note
     off = prepare(data, "normal", _cfg(shift=ShiftSplitConfig(enabled=False)), "none")
     assert off.shift is None and "off" in off.shift_note
+
+
+def test_without_a_named_batch_the_split_holds_out_the_earliest_block_only(tmp_path: Path) -> None:
+    root = _folder(tmp_path / "data")
+    cfg = _cfg(shift=ShiftSplitConfig(batch_regex=None))
+    data, _ = load_dataset(
+        root, store_version=None, ingest_cfg=cfg.ingest, workers=1, cache_dir=None, shift=cfg.shift
+    )
+    ed = prepare(data, "normal", cfg, "none")
+    assert ed.shift is not None and ed.shift.held_out == () and "no batch to hold out" in ed.shift_note
+    assert len(ed.shift.new_normals) == 0 and ed.shift.local_count == 0
+    local, unseen = ed.shift.draw(0)
+    assert len(local) == len(unseen) == 0

@@ -259,3 +259,28 @@ def test_without_a_shift_split_the_report_says_why() -> None:
     assert "shift" not in m
     m["shift_unavailable"] = "a store keeps no file names"
     assert "No shift-aware split (a store keeps no file names)" in render_report(m, {})
+
+
+def test_a_shift_split_without_a_held_out_batch_says_the_threshold_was_not_checked(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from medvae.eval.cohort import CohortCheck
+    from medvae.eval.metrics import proportion
+
+    ed = _data()
+    ed.shift_note = "no batch to hold out whole"
+    ed.shift = type("S", (), {"assignment": ed.assignment})()
+    empty = CohortCheck(
+        (), {"(default batch)": proportion(1, 6)}, proportion(0, 0), 0, None, proportion(0, 0)
+    )
+    shift = [replace(_run(0, _GOOD), split_name="shift", cohort=empty)]
+    run = {"source": "/data", "normal_label": "normal", "device": "cpu"}
+    m = build_metrics(ed, EvaluateConfig(), [_run(0, _GOOD)], [], run=run, info={}, shift=shift)
+    m["timing"] = {"total_seconds": 1.0}
+    assert (
+        "threshold on a new cohort: not checked (the shift-aware split holds out no batch)"
+        in summary_lines(m)
+    )
+    assert "Not checked: this shift-aware split holds out no acquisition batch" in render_report(m, {})
+    rows = {t["target"]: t["met"] for t in m["targets"]}
+    assert rows["stored threshold on the new cohort's normals: FPR <= 1.4 x target"] is None  # n/a
