@@ -171,6 +171,7 @@ def run_anomaly_seed(
     """
     from medvae.anomaly.calibration import calibrate, percentile_among_normals
     from medvae.engine.trainer import train_vae
+    from medvae.eval.cohort import check_cohort
     from medvae.eval.localisation import check_localisation
 
     x, sp = ed.x, (shift.split if shift is not None else ed.split)
@@ -193,6 +194,10 @@ def run_anomaly_seed(
     normals = x[sp.test[y == 0]]
     if pictures_dir is not None:
         model_pictures(model, normals, x[sp.test[y == 1]], pictures_dir, cfg.pictures, seed)
+    cohort = None
+    if shift is not None:
+        draws = cfg.shift.recalibration_draws
+        cohort = check_cohort(model, cal, ed, shift, scores[cfg.primary_score], seed=seed, draws=draws)
     local, heat = None, None
     if localise:
         local, picks, maps = check_localisation(
@@ -214,25 +219,10 @@ def run_anomaly_seed(
         training=_training_facts(res, train_s),
         n_train_normal=len(sp.train_normal),
         split_name="patient" if shift is None else "shift",
-        cohort=None if shift is None else _cohort(model, cal, ed, shift, scores, cfg, seed),
+        cohort=cohort,
         localisation=local,
         heat=heat,
     )
-
-
-def _cohort(
-    model: ConvVAE,
-    cal: Any,
-    ed: EvalData,
-    shift: ShiftSplit,
-    scores: dict[str, np.ndarray],
-    cfg: EvaluateConfig,
-    seed: int,
-) -> CohortCheck:
-    from medvae.eval.cohort import check_cohort
-
-    primary = scores[cfg.primary_score]
-    return check_cohort(model, cal, ed, shift, primary, seed=seed, draws=cfg.shift.recalibration_draws)
 
 
 def _training_facts(res: Any, seconds: float) -> dict[str, Any]:

@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from medvae.anomaly.calibration import Calibration, recalibrate
+from medvae.anomaly.calibration import Calibration, recalibrate, threshold_at_fpr
 from medvae.eval.data import EvalData, ShiftSplit
-from medvae.eval.metrics import proportion
+from medvae.eval.metrics import proportion, summarise
 from medvae.vae.model import ConvVAE
 
 DEFAULT_BATCH = "(default batch)"
@@ -98,10 +98,9 @@ def check_cohort(
         seed: the model seed (draws differ between seeds).
         draws: draws of local normals.
     """
-    from medvae.anomaly.calibration import threshold_at_fpr
-
     sp = shift.split
-    score_at = dict(zip(sp.test.tolist(), test_scores.tolist(), strict=True))
+    score_at = np.full(len(shift.batch), np.nan)  # by position in the data: draws index it directly
+    score_at[sp.test] = test_scores
     normal = sp.test[sp.test_y == 0]
     batch = shift.batch[normal]
     flags = test_scores[sp.test_y == 0] > cal.threshold
@@ -113,8 +112,8 @@ def check_cohort(
         if r == 0:
             t = float(recalibrate(model, cal, ed.x[local]).threshold)
         else:
-            t = threshold_at_fpr(np.array([score_at[i] for i in local.tolist()]), cal.fpr)
-        flagged = np.array([score_at[i] for i in unseen.tolist()]) > t
+            t = threshold_at_fpr(score_at[local], cal.fpr)
+        flagged = score_at[unseen] > t
         if r == 0:
             first_t, first_fpr = t, _rate(flagged)
         rates.append(float(flagged.mean()))
@@ -134,8 +133,6 @@ def check_cohort(
 
 def summarise_cohort(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
     """Mean ± sd over seeds of the rates of :meth:`CohortCheck.metrics` (``per_seed``: their dicts)."""
-    from medvae.eval.metrics import summarise
-
     batches = sorted({b for r in per_seed for b in r["fpr_by_batch"]})
     return {
         "held_out": per_seed[0]["held_out"],

@@ -22,7 +22,7 @@ from medvae.config import EvaluateConfig, to_jsonable
 from medvae.eval import plots
 from medvae.eval.anomaly import AnomalyRun, gallery, run_anomaly_seed, summarise_anomaly
 from medvae.eval.anomaly import log_line as anomaly_log_line
-from medvae.eval.data import EvalData, load_dataset, prepare, report_rejected, split_table
+from medvae.eval.data import EvalData, ShiftSplit, load_dataset, prepare, report_rejected, split_table
 from medvae.eval.metrics import fmt_msd
 from medvae.eval.report import Figure, write_report
 from medvae.eval.scores import REGISTRY
@@ -87,6 +87,25 @@ class Studies:
     utility: list[UtilityRun]
 
 
+def _anomaly_seeds(
+    ed: EvalData,
+    cfg: EvaluateConfig,
+    device: str,
+    pictures: Path | None,
+    progress: bool,
+    shift: ShiftSplit | None,
+) -> list[AnomalyRun]:
+    """The anomaly study of every seed on one split; pictures and localisation for the first seed."""
+    runs: list[AnomalyRun] = []
+    for i, seed in enumerate(cfg.seeds):
+        first = i == 0
+        local = cfg.localisation_images if first else 0
+        grids = pictures if first else None
+        runs.append(run_anomaly_seed(ed, cfg, seed, device, grids, progress, shift=shift, localise=local))
+        _log(progress, anomaly_log_line(runs[-1]))
+    return runs
+
+
 def run_studies(
     ed: EvalData, cfg: EvaluateConfig, device: str, pictures: Path, progress: bool, timing: dict[str, float]
 ) -> Studies:
@@ -95,31 +114,12 @@ def run_studies(
     The anomaly study runs on the patient split and, when the data gives one, the shift-aware split.
     """
     t0 = time.perf_counter()
-    anomaly: list[AnomalyRun] = []
-    for i, seed in enumerate(cfg.seeds):
-        first = i == 0
-        anomaly.append(
-            run_anomaly_seed(
-                ed,
-                cfg,
-                seed,
-                device,
-                pictures if first else None,
-                progress,
-                localise=cfg.localisation_images if first else 0,
-            )
-        )
-        _log(progress, anomaly_log_line(anomaly[-1]))
+    anomaly = _anomaly_seeds(ed, cfg, device, pictures, progress, None)
     timing["anomaly_seconds"] = time.perf_counter() - t0
     shifted: list[AnomalyRun] = []
     if ed.shift is not None:
         t0 = time.perf_counter()
-        for i, seed in enumerate(cfg.seeds):
-            local = cfg.localisation_images if i == 0 else 0
-            shifted.append(
-                run_anomaly_seed(ed, cfg, seed, device, None, progress, shift=ed.shift, localise=local)
-            )
-            _log(progress, anomaly_log_line(shifted[-1]))
+        shifted = _anomaly_seeds(ed, cfg, device, None, progress, ed.shift)
         timing["shift_seconds"] = time.perf_counter() - t0
     else:
         _log(progress, ed.shift_note)
