@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medvae.config import EvaluateConfig, IngestConfig, ModelConfig, TrainConfig
+from medvae.config import EvaluateConfig, IngestConfig, ModelConfig, ShiftSplitConfig, TrainConfig
 from medvae.data.splits import check_no_leak, grouped_subsample, merge_duplicate_groups, patient_split
 from medvae.eval.data import list_image_folder, load_dataset
 from medvae.eval.study import evaluate
@@ -114,6 +114,9 @@ def test_evaluate_end_to_end_on_a_tiny_folder(tmp_path: Path) -> None:
         pictures=4,
         device="cpu",
         workers=1,
+        # tests/eval/test_cohort.py covers the shift-aware split and the localisation check.
+        shift=ShiftSplitConfig(enabled=False),
+        localisation_images=0,
     )
     out = tmp_path / "out"
     m = evaluate(root, out, normal_label="normal", cfg=cfg, progress=False)
