@@ -162,6 +162,11 @@ class LossConfig(_Frozen):
     kl_warmup_epochs: int = Field(5, ge=0, description="Linear ramp of the KL weight from 0 to beta.")
 
 
+# About the steps of a 20-epoch generator on all of Kermany's training images (57 batches an epoch):
+# at 10 % of the labels an epoch-defined budget gave 66 steps and grey images (docs/quality.md).
+GENERATOR_MIN_STEPS = 1000
+
+
 class TrainConfig(_Frozen):
     """Optimisation, validation and device settings for training."""
 
@@ -175,6 +180,14 @@ class TrainConfig(_Frozen):
         0.1, gt=0, lt=1, description="Held-out share when the store has no val split."
     )
     patience: int = Field(8, ge=1, description="Early stopping: epochs without validation improvement.")
+    min_steps: int | None = Field(
+        None,
+        ge=0,
+        description="Fewest optimiser steps: the epoch budget grows to reach them and early stopping waits "
+        "for them, because a small dataset's epochs are short (10 % of Kermany is 6 steps an epoch). "
+        f"None: {GENERATOR_MIN_STEPS} for a conditional VAE (a generator, whose samples need the steps; "
+        "docs/quality.md), 0 for the anomaly VAE, whose recipe is measured in epochs.",
+    )
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     compile: bool = Field(False, description="torch.compile the model (measured; optional).")
@@ -187,6 +200,13 @@ class TrainConfig(_Frozen):
         description="Multi-process (torchrun/DDP) training only: BatchNorm statistics over the global "
         "batch. auto: on for CUDA, off on the CPU (measured, docs/distributed_training.md).",
     )
+
+    @property
+    def step_floor(self) -> int:
+        """:attr:`min_steps` with None resolved by the kind of model (see its description)."""
+        if self.min_steps is not None:
+            return self.min_steps
+        return GENERATOR_MIN_STEPS if self.model.conditional else 0
 
     @field_validator("sync_batchnorm", mode="before")
     @classmethod
@@ -330,16 +350,26 @@ _DEFAULT_TARGETS = (
         relative_to="shift.summary.target_fpr",
     ),
     Target(
-        name="real+synthetic >= real at {fraction} labels",
-        metric="utility.summary.{min_fraction}.real_synthetic.mean",
-        value=1.0,
-        relative_to="utility.summary.{min_fraction}.real.mean",
+        name="real+synthetic >= real + 0.01 at {fraction} labels (paired over seeds)",
+        metric="utility.summary.{min_fraction}.real_synthetic_minus_real.mean",
+        value=0.01,
+    ),
+    # The control a reader needs beside the last one: the same number of steps on repeated real images.
+    Target(
+        name="real+synthetic >= real repeated to the same size at {fraction} labels (paired)",
+        metric="utility.summary.{min_fraction}.real_synthetic_minus_real_repeated.mean",
+        value=0.0,
     ),
     Target(
-        name="TSTR >= 0.9 x real at {fraction} labels",
+        name="TSTR >= 0.95 x real at {fraction} labels",
         metric="utility.summary.*.synthetic.mean",
-        value=0.9,
+        value=0.95,
         relative_to="utility.summary.*.real.mean",
+    ),
+    Target(
+        name="label fidelity AUROC of the synthetic images >= 0.95 at {fraction} labels",
+        metric="utility.summary.*.generation.drawn.label_fidelity.mean",
+        value=0.95,
     ),
     Target(
         name="no kept synthetic image nearer than the test 1st percentile at {fraction} labels",
@@ -463,7 +493,23 @@ class EvaluateConfig(_Frozen):
     label_fractions: tuple[float, ...] = Field(
         (1.0, 0.1), min_length=1, description="Shares of the labelled training images for the utility study."
     )
-    synthetic_ratio: float = Field(1.0, gt=0, description="Synthetic images per real training image.")
+    synthetic_ratio: float = Field(
+        1.0, gt=0, description="Synthetic images per real training image (the headline real + synthetic)."
+    )
+    share_sweep: tuple[float, ...] = Field(
+        (0.5, 2.0),
+        description="Other synthetic shares tried at label fractions up to share_sweep_max_fraction: more "
+        "synthetic data is not always better.",
+    )
+    share_sweep_max_fraction: float = Field(
+        0.1, ge=0, le=1, description="The sweep runs only where labels are this scarce (CPU time at 100 %)."
+    )
+    synthetic_max_draws: float = Field(
+        8.0,
+        ge=1,
+        description="Draw in rounds until the privacy filter kept the synthetic images asked for, but at "
+        "most this many times as many (the shortfall is reported; docs/quality.md).",
+    )
     classifier_epochs: int = Field(12, ge=1, description="Fixed epochs of the small CNN (see classifier.py).")
     privacy_quantile: float = Field(0.01, ge=0, le=1, description="Near-copy quantile for the filter.")
     utility: bool = Field(True, description="Run the synthetic-data utility and privacy study.")
@@ -506,6 +552,13 @@ class EvaluateConfig(_Frozen):
 
         if v not in SCORES:
             raise ValueError(f"primary_score must be one of {SCORES} (a calibrated score), got {v!r}")
+        return v
+
+    @field_validator("share_sweep")
+    @classmethod
+    def _shares(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if any(r <= 0 for r in v):
+            raise ValueError(f"share_sweep must hold positive shares, got {v}")
         return v
 
     @field_validator("label_fractions")

@@ -621,6 +621,7 @@ def test_no_planted_phi_in_evaluate_outputs(tmp_path: Path) -> None:
     # the shared metrics.json and report.html give only its reason.
     (root / "normal" / "IM-0900-0001_PHIEVALBROKEN01.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     tiny = {"model": {"channels": [8, 16], "latent_dim": 4}, "epochs": 1, "batch_size": 16, "patience": 1}
+    tiny["min_steps"] = 0  # one epoch, not the generator's step floor
     args = ["evaluate", str(root), "--out", str(tmp_path / "out"), "--seeds", "0", "--device", "cpu"]
     for stage in ("anomaly", "generator"):
         for key, value in tiny.items():

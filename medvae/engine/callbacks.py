@@ -26,10 +26,12 @@ class ModelSelection(Callback):
         patience: epochs without a strictly lower validation loss before stopping.
         warmup_epochs: ``cfg.loss.kl_warmup_epochs``.
         epochs: ``cfg.epochs`` (stopping at the last epoch is not early).
+        min_epochs: no early stop before this many epochs (``TrainConfig.min_steps`` in epochs).
     """
 
-    def __init__(self, patience: int, warmup_epochs: int, epochs: int) -> None:
+    def __init__(self, patience: int, warmup_epochs: int, epochs: int, min_epochs: int = 0) -> None:
         self.patience, self.warmup_epochs, self.epochs = patience, warmup_epochs, epochs
+        self.min_epochs = min_epochs
 
     def on_epoch_end(self, run: Run, record: dict[str, Any]) -> None:
         """Select this epoch's weights if they are the best so far, else count a bad epoch."""
@@ -39,7 +41,8 @@ class ModelSelection(Callback):
             s.best_state = clone_state(run.engine.model)
         else:
             s.bad_epochs += 1
-            s.stopped_early = s.bad_epochs >= self.patience and epoch + 1 < self.epochs
+            waited = s.bad_epochs >= self.patience and epoch + 1 >= self.min_epochs
+            s.stopped_early = waited and epoch + 1 < self.epochs
 
 
 class Checkpointer(Callback):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,7 @@ from medvae.engine.checkpoint import CHECKPOINT_NAME, check_resumable, load_chec
 from medvae.engine.data import ArrayLike, TrainData, prepare_data, seed_everything, to_device
 from medvae.engine.device import configure_backends
 from medvae.engine.loop import Callback, Engine, Run, TrainState, build_engine, clone_state, fit
-from medvae.engine.strategy import Strategy, per_rank_batch, strategy_for
+from medvae.engine.strategy import Strategy, per_rank_batch, shard_epoch, strategy_for
 from medvae.vae.model import ConvVAE
 
 
@@ -53,6 +54,26 @@ def _resume(path: Path, run: Run, n_train: int, n_val: int) -> None:
     run.state = TrainState.from_checkpoint(ckpt)
 
 
+def step_budget(cfg: TrainConfig, n_train: int, world_size: int = 1) -> tuple[TrainConfig, int]:
+    """``cfg`` with its epochs raised to reach ``cfg.step_floor`` optimiser steps, and the epoch count
+    before which early stopping may not end the run.
+
+    Args:
+        cfg: the training configuration.
+        n_train: training images.
+        world_size: processes (a step is one global batch, :func:`~medvae.engine.strategy.shard_epoch`).
+
+    Returns:
+        ``(cfg, min_epochs)``; ``cfg`` unchanged and 0 when there is no step floor.
+    """
+    floor = cfg.step_floor
+    if floor == 0:
+        return cfg, 0
+    steps = len(shard_epoch(torch.arange(n_train), cfg.batch_size, 0, world_size)[1])
+    min_epochs = math.ceil(floor / max(steps, 1))
+    return cfg.model_copy(update={"epochs": max(cfg.epochs, min_epochs)}), min_epochs
+
+
 def _best_model(cfg: TrainConfig, engine: Engine, state: TrainState) -> ConvVAE:
     # A fresh plain ConvVAE, whatever the training layers were (SyncBatchNorm, DDP): what scoring and
     # the model directory expect, with the same state-dict keys.
@@ -64,11 +85,12 @@ def _best_model(cfg: TrainConfig, engine: Engine, state: TrainState) -> ConvVAE:
 
 
 def _builtin_callbacks(
-    run: Run, host: TrainData, checkpoint_dir: Path | None, resume: bool, progress: bool
+    run: Run, host: TrainData, checkpoint_dir: Path | None, resume: bool, progress: bool, min_epochs: int
 ) -> list[Callback]:
     # Selection first: the checkpoint records its state. A resume loads into ``run`` before fitting.
     cfg = run.cfg
-    builtin: list[Callback] = [ModelSelection(cfg.patience, cfg.loss.kl_warmup_epochs, cfg.epochs)]
+    selection = ModelSelection(cfg.patience, cfg.loss.kl_warmup_epochs, cfg.epochs, min_epochs)
+    builtin: list[Callback] = [selection]
     if checkpoint_dir is not None:
         path = checkpoint_dir / CHECKPOINT_NAME
         if resume:
@@ -99,7 +121,8 @@ def train_vae(
 
     Validation runs after every epoch in eval mode (z = μ) with the KL weight fixed at ``beta`` so
     that epochs compare during the KL warm-up; selection and early stopping follow
-    :class:`~medvae.engine.callbacks.ModelSelection`, and the best epoch's weights are returned.
+    :class:`~medvae.engine.callbacks.ModelSelection`, and the best epoch's weights are returned. A step
+    floor (``cfg.min_steps``; :func:`step_budget`) raises the epochs and delays early stopping.
 
     With ``checkpoint_dir``, ``checkpoint.pt`` is rewritten atomically after every epoch (by rank 0).
     ``resume=True`` continues after its last completed epoch, or starts afresh when there is none.
@@ -142,10 +165,11 @@ def train_vae(
     configure_backends(strategy.device)
     data = to_device(host, strategy.device, strategy.shard_range(host.n_val))
 
+    cfg, min_epochs = step_budget(cfg, host.n_train, strategy.world_size)
     seed_everything(cfg.seed)
     engine = build_engine(cfg, strategy)
     run = Run(cfg, engine, strategy, TrainState(best_state=clone_state(engine.model)))
-    builtin = _builtin_callbacks(run, host, checkpoint_dir, resume, progress)
+    builtin = _builtin_callbacks(run, host, checkpoint_dir, resume, progress, min_epochs)
     fit(run, data, [*builtin, *callbacks])
     return TrainResult(
         model=_best_model(cfg, engine, run.state),

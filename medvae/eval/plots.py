@@ -12,7 +12,7 @@ import numpy as np
 
 from medvae.eval.anomaly import AnomalyRun
 from medvae.eval.metrics import fmt_msd, pr_points, roc_points
-from medvae.eval.utility import TRAINING_SETS, FractionRun
+from medvae.eval.utility import SET_NAMES, TRAINING_SETS, FractionRun
 
 
 def _pyplot() -> Any:
@@ -174,14 +174,13 @@ def utility_figure(summary: dict[str, Any]) -> Any:
     plt = _pyplot()
     fracs = list(summary)
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
-    width = 0.8 / len(TRAINING_SETS)
-    for i, kind in enumerate(TRAINING_SETS):
+    kinds = [k for k in TRAINING_SETS if all(k in summary[f] for f in fracs)]
+    width = 0.8 / len(kinds)
+    for i, kind in enumerate(kinds):
         means = [summary[f][kind]["mean"] for f in fracs]
         sds = [summary[f][kind]["sd"] or 0.0 for f in fracs]
-        pos = np.arange(len(fracs)) + (i - 1) * width
-        bars = ax.bar(
-            pos, [m or 0.0 for m in means], width, yerr=sds, capsize=3, label=kind.replace("_", " + ")
-        )
+        pos = np.arange(len(fracs)) + (i - (len(kinds) - 1) / 2) * width
+        bars = ax.bar(pos, [m or 0.0 for m in means], width, yerr=sds, capsize=3, label=SET_NAMES[kind])
         ax.bar_label(bars, labels=["n/a" if m is None else f"{m:.3f}" for m in means], fontsize=7, padding=2)
     ax.axhline(0.5, color="grey", lw=0.8, ls="--", label="chance")
     ax.set_xticks(np.arange(len(fracs)), [f"{float(f):.0%} of labels" for f in fracs])

@@ -465,12 +465,16 @@ def summary_lines(metrics: dict[str, Any]) -> list[str]:
     )
     lines += _shift_lines(metrics)
     if "utility" in metrics:
-        lines.append("utility, fixed CNN test AUROC (real | real+synthetic | synthetic only | TSTR/real):")
+        lines.append(
+            "utility, fixed CNN test AUROC (real | real+synthetic | synthetic only | TSTR/real | "
+            "real repeated to the real+synthetic size):"
+        )
         for f, v in metrics["utility"]["summary"].items():
             lines.append(
                 f"  {float(f):4.0%} labels: {fmt_msd(v['real'])} | {fmt_msd(v['real_synthetic'])} | "
-                f"{fmt_msd(v['synthetic'])} | {fmt_msd(v['tstr_ratio'])}"
+                f"{fmt_msd(v['synthetic'])} | {fmt_msd(v['tstr_ratio'])} | {fmt_msd(v['real_repeated'])}"
             )
+            lines += _generation_lines(f, v)
         lines.append("privacy, share of synthetic near copies before -> after the filter (rejected):")
         for f, v in metrics["privacy"]["summary"].items():
             lines.append(
@@ -480,4 +484,23 @@ def summary_lines(metrics: dict[str, Any]) -> list[str]:
     for t in metrics["targets"]:
         verdict = "met" if t["met"] else "NOT met" if t["met"] is False else "n/a"
         lines.append(f"target {verdict}: {t['target']}")
+    return lines
+
+
+def _generation_lines(fraction: str, v: dict[str, Any]) -> list[str]:
+    """Paired differences, the share sweep and the generation figures of one label fraction."""
+    lines = [
+        f"    paired: real+synthetic − real {fmt_msd(v['real_synthetic_minus_real'])}, − real repeated "
+        f"{fmt_msd(v['real_synthetic_minus_real_repeated'])}"
+    ]
+    sweep = [k for k in v if k.startswith("real_synthetic@")]
+    if sweep:
+        shares = ", ".join(f"{k.split('@')[1]}x {fmt_msd(v[k])}" for k in sweep)
+        lines.append(f"    other synthetic shares: {shares}")
+    for which, g in (v.get("generation") or {}).items():
+        if g:
+            lines.append(
+                f"    {which} synthetic images: label fidelity {fmt_msd(g['label_fidelity'])}, FD "
+                f"{fmt_msd(g['fd'], 2)}, precision {fmt_msd(g['precision'])}, recall {fmt_msd(g['recall'])}"
+            )
     return lines

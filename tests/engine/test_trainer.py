@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
-from medvae.config import LossConfig, ModelConfig, TrainConfig
+from medvae.config import GENERATOR_MIN_STEPS, LossConfig, ModelConfig, TrainConfig
 from medvae.engine import CHECKPOINT_NAME, Callback, Local, load_checkpoint, select_device, train_vae
+from medvae.engine.callbacks import ModelSelection
 from medvae.engine.data import augment_batch
-from medvae.engine.loop import Run, build_engine, run_epoch
+from medvae.engine.loop import Run, TrainState, build_engine, run_epoch
+from medvae.engine.trainer import step_budget
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -201,6 +204,7 @@ def test_resume_refuses_another_config(tmp_path: Path) -> None:
 def test_cvae_needs_labels() -> None:
     cfg = _cfg(
         epochs=1,
+        min_steps=0,
         model=ModelConfig(image_size=16, channels=(8, 16), latent_dim=4, conditional=True, num_classes=3),
     )
     x = _noise(30)
@@ -411,3 +415,33 @@ def test_cuda_steps_run_bf16_autocast_on_device_resident_data() -> None:
     h2d = [e.name for e in prof.events() if "HtoD" in e.name]
     # The known copy, the epoch's shard indices and the image count at the end: never one per step.
     assert 1 <= len(h2d) <= 4 < 16, h2d
+
+
+def test_a_step_floor_raises_the_epochs_of_a_small_dataset() -> None:
+    # 30 images at batch 8: 4 steps an epoch (the last batch of 6 is kept), so 10 steps need 3 epochs.
+    cfg, min_epochs = step_budget(_cfg(epochs=2, min_steps=10), 30)
+    assert (cfg.epochs, min_epochs) == (3, 3)
+    same, none = step_budget(_cfg(epochs=2, min_steps=0), 30)
+    assert (same.epochs, none) == (2, 0)
+    # None resolves by the kind of model: a generator gets the floor, the anomaly VAE none.
+    cond = ModelConfig(image_size=16, channels=(8, 16), latent_dim=4, conditional=True, num_classes=2)
+    assert _cfg(model=cond).step_floor == GENERATOR_MIN_STEPS and _cfg().step_floor == 0
+    # Two processes at the same global batch take the same 4 global steps.
+    assert step_budget(_cfg(epochs=1, min_steps=10), 30, world_size=2)[1] == 3
+
+
+def test_early_stopping_waits_for_the_step_floor() -> None:
+    # The validation loss only worsens after epoch 0: patience 1 stops at epoch 1 without a floor, and
+    # not before epoch 5 (the sixth) with min_epochs 6.
+    def stop_epoch(min_epochs: int) -> int | None:
+        net = torch.nn.Linear(2, 2)
+        state = TrainState(best_state=net.state_dict())
+        run = SimpleNamespace(state=state, engine=SimpleNamespace(model=net))
+        sel = ModelSelection(patience=1, warmup_epochs=0, epochs=10, min_epochs=min_epochs)
+        for epoch in range(10):
+            sel.on_epoch_end(run, {"epoch": epoch, "val_loss": float(epoch)})  # type: ignore[arg-type]
+            if run.state.stopped_early:
+                return epoch
+        return None
+
+    assert stop_epoch(0) == 1 and stop_epoch(6) == 5

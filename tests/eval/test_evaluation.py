@@ -98,11 +98,16 @@ def test_list_image_folder_labels_by_parent(tmp_path: Path) -> None:
     assert [lbl for _, lbl in found] == ["1_abnormal", "0_normal"]
 
 
+def _tiny_train() -> TrainConfig:
+    # min_steps=0: one epoch, not the generator's default step floor.
+    return TrainConfig(
+        model=ModelConfig(channels=(8, 16), latent_dim=4), epochs=1, batch_size=16, patience=1, min_steps=0
+    ).model_copy(update={"device": "cpu"})
+
+
 def test_evaluate_end_to_end_on_a_tiny_folder(tmp_path: Path) -> None:
     root = _tiny_folder(tmp_path / "data")
-    tiny = TrainConfig(
-        model=ModelConfig(channels=(8, 16), latent_dim=4), epochs=1, batch_size=16, patience=1, device="cpu"
-    )
+    tiny = _tiny_train()
     cfg = EvaluateConfig(
         seeds=(0,),
         anomaly=tiny,
@@ -131,7 +136,19 @@ def test_evaluate_end_to_end_on_a_tiny_folder(tmp_path: Path) -> None:
     for key in ("sensitivity", "specificity", "ssim", "psnr"):
         assert on_disk["anomaly"]["summary"][key]["mean"] is not None
     u = on_disk["utility"]["summary"]["0.5"]
-    assert set(u) == {"real", "real_synthetic", "synthetic", "tstr_ratio", "real_synthetic_minus_real"}
+    assert set(u) == {
+        "real",
+        "real_synthetic",
+        "synthetic",
+        "real_repeated",
+        "tstr_ratio",
+        "real_synthetic_minus_real",
+        "real_synthetic_minus_real_repeated",
+        "generation",
+    }
+    # The steps control has exactly as many images as real + synthetic; 50 % is above the share sweep.
+    sizes = on_disk["utility"]["per_seed"][0]["fractions"]["0.5"]["sizes"]
+    assert sizes["real_repeated"] == sizes["real_synthetic"] == sizes["real"] + sizes["synthetic"]
     p = on_disk["privacy"]["summary"]["0.5"]
     assert p["near_copy_share_after"]["mean"] == 0.0
     splits = on_disk["data"]["splits"]
@@ -170,9 +187,7 @@ def test_evaluate_reads_a_store_version(tmp_path: Path) -> None:
     root = _tiny_folder(tmp_path / "data", n=12)
     store = Store(str(tmp_path / "store"))
     ingest([root], store, IngestConfig(workers=1))
-    tiny = TrainConfig(
-        model=ModelConfig(channels=(8, 16), latent_dim=4), epochs=1, batch_size=16, patience=1, device="cpu"
-    )
+    tiny = _tiny_train()
     cfg = EvaluateConfig(seeds=(0,), anomaly=tiny, utility=False, pictures=4, device="cpu")
     m = evaluate(store.uri, tmp_path / "out", normal_label="normal", cfg=cfg, store_version=0, progress=False)
     assert m["source_info"]["kind"] == "store" and m["source_info"]["version"] == 0
