@@ -100,9 +100,8 @@ def test_list_image_folder_labels_by_parent(tmp_path: Path) -> None:
 
 def _tiny_train() -> TrainConfig:
     # min_steps=0: one epoch, not the generator's default step floor.
-    return TrainConfig(
-        model=ModelConfig(channels=(8, 16), latent_dim=4), epochs=1, batch_size=16, patience=1, min_steps=0
-    ).model_copy(update={"device": "cpu"})
+    model = ModelConfig(channels=(8, 16), latent_dim=4)
+    return TrainConfig(model=model, epochs=1, batch_size=16, patience=1, min_steps=0, device="cpu")
 
 
 def test_evaluate_end_to_end_on_a_tiny_folder(tmp_path: Path) -> None:
