@@ -398,10 +398,15 @@ def augment(
         res = augment_job(model, store, cfg)
         where = f"version {res.version}" if res.version is not None else "no new version"
         say(
-            f"kept {res.kept} of {res.requested} synthetic images (privacy filter rejected "
-            f"{res.rejection_rate:.1%}, threshold {res.privacy_threshold:.4f}); "
+            f"kept {res.kept} of {res.requested} synthetic images from {res.drawn} samples (privacy filter "
+            f"rejected {res.rejection_rate:.1%}, threshold {res.privacy_threshold:.4f}); "
             f"added {res.rows_added} rows: {where}"
         )
+        if res.kept < res.requested:
+            note(
+                f"note: only {res.kept} of {res.requested} samples passed the privacy filter within "
+                f"{cfg.max_draws:g}x as many draws; raise --set max_draws=N, or train the model longer"
+            )
         if res.already_present:
             note(
                 f"note: {res.already_present} kept images were already in the store (same model, seed "

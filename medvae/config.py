@@ -240,6 +240,12 @@ class AugmentConfig(_Frozen):
     temperature: float = Field(
         1.0, gt=0, le=4, description="Scale of the mixture components' covariances (gmm sampler only)."
     )
+    max_draws: float = Field(
+        8.0,
+        ge=1,
+        description="Sample in rounds until `count` images passed the privacy filter, from at most this "
+        "many times `count` samples; a shortfall is reported. Blurry ones often fail (docs/quality.md).",
+    )
 
 
 class ScreenConfig(_Frozen):

@@ -134,23 +134,23 @@ class Drawn:
 def _draw_kept(
     gen: Any, requested: dict[int, int], x_tr: np.ndarray, threshold: float, seed: int, max_draws: float
 ) -> Drawn:
-    """Draw each label in rounds until the filter kept ``requested[c]`` images, or ``max_draws`` times as
-    many were drawn. A blurry generator's samples sit close to many training images in RMS distance, and
-    at 10 % of Kermany's labels the filter rejected 88 % of them (docs/quality.md): one round of the
-    requested size would give a fraction of the share asked for."""
+    """Each label drawn until the privacy filter kept ``requested[c]`` images, or ``max_draws`` times as
+    many were read (:func:`~medvae.synth.sample.sample_passing`, as ``medvae augment`` draws)."""
     from medvae.synth.privacy import privacy_filter
-    from medvae.synth.sample import sample_images
+    from medvae.synth.sample import sample_images, sample_passing
 
-    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+    def passes(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        f = privacy_filter(images, x_tr, threshold)
+        return f.keep, f.distances
+
+    parts = []
     for c, n_c in requested.items():
-        kept, drawn, cap, rnd = 0, 0, int(np.ceil(max_draws * n_c)), 0
-        while kept < n_c and drawn < cap:
-            rate = kept / drawn if drawn else 1.0
-            n = min(cap - drawn, max(n_c - kept, int(np.ceil((n_c - kept) / max(rate, 0.05)))))
-            xs = sample_images(gen, n, label_index=c, seed=seed + 10 * rnd + c)
-            filt = privacy_filter(xs, x_tr, threshold)
-            parts.append((xs, np.full(n, c, dtype=np.int64), filt.keep, filt.distances))
-            kept, drawn, rnd = kept + int(filt.keep.sum()), drawn + n, rnd + 1
+
+        def sample(n: int, s: int, c: int = c) -> np.ndarray:
+            return sample_images(gen, n, label_index=c, seed=s)
+
+        got = sample_passing(sample, passes, n_c, max_draws, seed + c)
+        parts.append((got.images, np.full(got.read, c, dtype=np.int64), got.keep, got.distances))
     images, labels, keep, dist = (np.concatenate(a) for a in zip(*parts, strict=True))
     return Drawn(images, labels, keep, dist, dict(requested))
 

@@ -90,8 +90,7 @@ def generate_synthetic(model_dir: Path, store_uri: str, cfg: AugmentConfig) -> t
     Returns:
         The rows to commit (origin synthetic, label, model hash, seed) and the privacy-filter figures.
     """
-    from medvae.synth.privacy import privacy_filter, privacy_threshold
-    from medvae.synth.sample import sample_images
+    from medvae.synth.privacy import privacy_threshold
     from medvae.vae.artifacts import load_model, store_key
 
     # The signature is checked when the store has a key (a store that has none fails below anyway).
@@ -102,28 +101,50 @@ def generate_synthetic(model_dir: Path, store_uri: str, cfg: AugmentConfig) -> t
     threshold = privacy_threshold(train, cfg.privacy_quantile)
     rows = empty_rows()
     kept: Counter[str] = Counter()
-    requested = 0
+    requested = drawn = 0
     for draw in draws:
         if draw.count <= 0:
             continue
-        samples = sample_images(
-            loaded.model, draw.count, label_index=draw.label_index, seed=draw.seed, sampler=sampler
-        )
-        keep = privacy_filter(samples, train, threshold).keep
-        requested += draw.count
-        for k in np.flatnonzero(keep):
-            _append_row(rows, samples[k], synthetic_id(loaded.hash, draw, int(k)), draw, loaded.hash)
-        kept[draw.label or ""] += int(keep.sum())
+        images, ks, n_drawn = _draw_until_kept(loaded.model, draw, sampler, train, threshold, cfg.max_draws)
+        for image, k in zip(images, ks, strict=True):
+            _append_row(rows, image, synthetic_id(loaded.hash, draw, k), draw, loaded.hash)
+        requested, drawn = requested + draw.count, drawn + n_drawn
+        kept[draw.label or ""] += len(ks)
     total = sum(kept.values())
     result = AugmentResult(
         requested=requested,
         kept=total,
-        rejected=requested - total,
+        rejected=drawn - total,
         privacy_threshold=float(threshold),
         model_hash=loaded.hash,
         per_label=dict(kept),
+        drawn=drawn,
     )
     return to_arrow(rows), result
+
+
+def _draw_until_kept(
+    model: Any, draw: Draw, sampler: Any, train: np.ndarray, threshold: float, max_draws: float
+) -> tuple[list[np.ndarray], list[int], int]:
+    """``draw.count`` samples that pass the privacy filter (:func:`~medvae.synth.sample.sample_passing`).
+
+    Returns:
+        The kept images, their indices in the label's sample sequence (for the row ids), and how many
+        samples were read.
+    """
+    from medvae.synth.privacy import privacy_filter
+    from medvae.synth.sample import sample_images, sample_passing
+
+    def sample(n: int, seed: int) -> np.ndarray:
+        return sample_images(model, n, label_index=draw.label_index, seed=seed, sampler=sampler)
+
+    def passes(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        f = privacy_filter(images, train, threshold)
+        return f.keep, f.distances
+
+    got = sample_passing(sample, passes, draw.count, max_draws, draw.seed)
+    ks = np.flatnonzero(got.keep)
+    return [got.images[k] for k in ks], [int(k) for k in ks], got.read
 
 
 def _sampler(model_dir: Path, cfg: AugmentConfig) -> Any:

@@ -134,7 +134,10 @@ def run_pipeline(
         echo(f"warning: {warning}")
     staging = cfg.model_dir.parent / "staging" / trained.model_hash[:16]
     syn = steps.synthesise(cfg, trained, staging)
-    echo(f"augment: kept {syn.kept} of {syn.requested} (privacy rejection rate {syn.rejection_rate:.1%})")
+    echo(
+        f"augment: kept {syn.kept} of {syn.requested} from {syn.drawn} samples "
+        f"(privacy rejection rate {syn.rejection_rate:.1%})"
+    )
     scored = steps.score(cfg, trained, staging)
     echo(f"screen: scored {scored.scored} real scans, flagged {scored.flagged}")
     meta = lineage(
