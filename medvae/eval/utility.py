@@ -143,8 +143,11 @@ def _draw_kept(
         f = privacy_filter(images, x_tr, threshold)
         return f.keep, f.distances
 
-    parts = []
+    size = x_tr.shape[1:]
+    parts = [(np.zeros((0, *size), np.uint8), np.zeros(0, np.int64), np.zeros(0, bool), np.zeros(0))]
     for c, n_c in requested.items():
+        if n_c <= 0:  # a class this subsample lacks: nothing to draw (sample_passing has no image shape)
+            continue
 
         def sample(n: int, s: int, c: int = c) -> np.ndarray:
             return sample_images(gen, n, label_index=c, seed=s)

@@ -91,3 +91,17 @@ def test_smaller_shares_are_prefixes_of_the_larger_ones() -> None:
     assert x1[:, 0, 0].tolist() == [0, 4, 1, 3] and y1.tolist() == [0, 0, 1, 1]
     assert x2[:, 0, 0].tolist() == [0, 4, 6, 1, 3, 5]  # class 0 has 3 kept, class 1 has 3: the shortfall
     assert y2.tolist() == [0, 0, 0, 1, 1, 1]
+
+
+def test_a_class_with_nothing_to_draw_gives_an_empty_share(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(
+        "medvae.synth.sample.sample_images", lambda g, n, *, label_index, seed: np.ones((n, 2, 2), np.uint8)
+    )
+    monkeypatch.setattr(
+        "medvae.synth.privacy.privacy_filter",
+        lambda xs, tr, thr: SimpleNamespace(keep=np.ones(len(xs), bool), distances=np.ones(len(xs))),
+    )
+    drawn = _draw_kept(None, {0: 0, 1: 3}, np.zeros((3, 2, 2), np.uint8), 0.1, seed=0, max_draws=2.0)
+    assert drawn.images.shape == (3, 2, 2) and drawn.labels.tolist() == [1, 1, 1]
+    none = _draw_kept(None, {0: 0, 1: 0}, np.zeros((3, 2, 2), np.uint8), 0.1, seed=0, max_draws=2.0)
+    assert none.images.shape == (0, 2, 2) and len(none.keep) == 0
