@@ -511,7 +511,7 @@ class EvaluateConfig(_Frozen):
         0.1, ge=0, le=1, description="The sweep runs only where labels are this scarce (CPU time at 100 %)."
     )
     synthetic_max_draws: float = Field(
-        8.0,
+        AugmentConfig.model_fields["max_draws"].default,
         ge=1,
         description="Draw in rounds until the privacy filter kept the synthetic images asked for, but at "
         "most this many times as many (the shortfall is reported; docs/quality.md).",

@@ -135,24 +135,17 @@ def _draw_kept(
     gen: Any, requested: dict[int, int], x_tr: np.ndarray, threshold: float, seed: int, max_draws: float
 ) -> Drawn:
     """Each label drawn until the privacy filter kept ``requested[c]`` images, or ``max_draws`` times as
-    many were read (:func:`~medvae.synth.sample.sample_passing`, as ``medvae augment`` draws)."""
-    from medvae.synth.privacy import privacy_filter
-    from medvae.synth.sample import sample_images, sample_passing
-
-    def passes(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        f = privacy_filter(images, x_tr, threshold)
-        return f.keep, f.distances
+    many were read (:func:`~medvae.synth.sample.sample_private`, as ``medvae augment`` draws)."""
+    from medvae.synth.sample import sample_private
 
     size = x_tr.shape[1:]
     parts = [(np.zeros((0, *size), np.uint8), np.zeros(0, np.int64), np.zeros(0, bool), np.zeros(0))]
     for c, n_c in requested.items():
         if n_c <= 0:  # a class this subsample lacks: nothing to draw (sample_passing has no image shape)
             continue
-
-        def sample(n: int, s: int, c: int = c) -> np.ndarray:
-            return sample_images(gen, n, label_index=c, seed=s)
-
-        got = sample_passing(sample, passes, n_c, max_draws, seed + c)
+        got = sample_private(
+            gen, n_c, label_index=c, seed=seed + c, train=x_tr, threshold=threshold, max_draws=max_draws
+        )
         parts.append((got.images, np.full(got.read, c, dtype=np.int64), got.keep, got.distances))
     images, labels, keep, dist = (np.concatenate(a) for a in zip(*parts, strict=True))
     return Drawn(images, labels, keep, dist, dict(requested))

@@ -115,10 +115,10 @@ def generate_synthetic(model_dir: Path, store_uri: str, cfg: AugmentConfig) -> t
         requested=requested,
         kept=total,
         rejected=drawn - total,
+        drawn=drawn,
         privacy_threshold=float(threshold),
         model_hash=loaded.hash,
         per_label=dict(kept),
-        drawn=drawn,
     )
     return to_arrow(rows), result
 
@@ -126,23 +126,24 @@ def generate_synthetic(model_dir: Path, store_uri: str, cfg: AugmentConfig) -> t
 def _draw_until_kept(
     model: Any, draw: Draw, sampler: Any, train: np.ndarray, threshold: float, max_draws: float
 ) -> tuple[list[np.ndarray], list[int], int]:
-    """``draw.count`` samples that pass the privacy filter (:func:`~medvae.synth.sample.sample_passing`).
+    """``draw.count`` samples that pass the privacy filter (:func:`~medvae.synth.sample.sample_private`).
 
     Returns:
         The kept images, their indices in the label's sample sequence (for the row ids), and how many
         samples were read.
     """
-    from medvae.synth.privacy import privacy_filter
-    from medvae.synth.sample import sample_images, sample_passing
+    from medvae.synth.sample import sample_private
 
-    def sample(n: int, seed: int) -> np.ndarray:
-        return sample_images(model, n, label_index=draw.label_index, seed=seed, sampler=sampler)
-
-    def passes(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        f = privacy_filter(images, train, threshold)
-        return f.keep, f.distances
-
-    got = sample_passing(sample, passes, draw.count, max_draws, draw.seed)
+    got = sample_private(
+        model,
+        draw.count,
+        label_index=draw.label_index,
+        seed=draw.seed,
+        train=train,
+        threshold=threshold,
+        max_draws=max_draws,
+        sampler=sampler,
+    )
     ks = np.flatnonzero(got.keep)
     return [got.images[k] for k in ks], [int(k) for k in ks], got.read
 

@@ -85,6 +85,8 @@ class AugmentResult(Result):
         requested: images asked for.
         kept: images that passed the privacy filter (up to ``requested``).
         rejected: samples the filter dropped (near copies of training images).
+        drawn: samples drawn to find them (the filter is applied in rounds until ``requested`` passed, or
+            ``AugmentConfig.max_draws`` times as many were drawn).
         privacy_threshold: the distance below which samples were rejected.
         model_hash: the generating model.
         per_label: kept images per label (``""`` for unlabelled rows).
@@ -94,13 +96,12 @@ class AugmentResult(Result):
         rows_path: the staged Parquet file of the rows (pipeline runs), else None.
         dicom_dir: the folder holding this call's synthetic DICOM set, if written.
         dicom_files: how many DICOM files it holds.
-        drawn: samples drawn to find them (the filter is applied in rounds until ``requested`` passed, or
-            ``AugmentConfig.max_draws`` times as many were drawn).
     """
 
     requested: int
     kept: int
     rejected: int
+    drawn: int
     privacy_threshold: float
     model_hash: str
     per_label: dict[str, int] = field(default_factory=dict)
@@ -110,13 +111,11 @@ class AugmentResult(Result):
     rows_path: str | None = None
     dicom_dir: str | None = None
     dicom_files: int = 0
-    drawn: int = 0
 
     @property
     def rejection_rate(self) -> float:
         """The share of the samples drawn that the privacy filter rejected."""
-        n = self.drawn or self.requested
-        return self.rejected / n if n else 0.0
+        return self.rejected / self.drawn if self.drawn else 0.0
 
 
 @dataclass(frozen=True)

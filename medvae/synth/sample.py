@@ -143,3 +143,28 @@ def sample_passing(
     if not imgs:
         return PassingDraws(np.zeros((0, 0, 0), np.uint8), np.zeros(0, bool), np.zeros(0))
     return PassingDraws(np.concatenate(imgs), np.concatenate(keeps), np.concatenate(dists))
+
+
+def sample_private(
+    model: ConvVAE,
+    count: int,
+    *,
+    label_index: int | None,
+    seed: int,
+    train: np.ndarray,
+    threshold: float,
+    max_draws: float,
+    sampler: GaussianMixtureSampler | None = None,
+) -> PassingDraws:
+    """:func:`sample_images` drawn until ``count`` samples passed the privacy filter against ``train``
+    (:func:`sample_passing`; :func:`~medvae.synth.privacy.privacy_filter` at ``threshold``)."""
+    from medvae.synth.privacy import privacy_filter
+
+    def draw(n: int, s: int) -> np.ndarray:
+        return sample_images(model, n, label_index=label_index, seed=s, sampler=sampler)
+
+    def passes(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        f = privacy_filter(images, train, threshold)
+        return f.keep, f.distances
+
+    return sample_passing(draw, passes, count, max_draws, seed)
