@@ -240,6 +240,12 @@ class AugmentConfig(_Frozen):
     temperature: float = Field(
         1.0, gt=0, le=4, description="Scale of the mixture components' covariances (gmm sampler only)."
     )
+    restore_detail: bool = Field(
+        True,
+        description="Apply the model's fitted unsharp mask to decoded samples, so that their fine structure "
+        "matches the training images' (medvae.synth.detail; docs/quality.md). Off: the decoder's blurry "
+        "mean.",
+    )
     max_draws: float = Field(
         8.0,
         ge=1,
@@ -515,6 +521,15 @@ class EvaluateConfig(_Frozen):
         ge=1,
         description="Draw in rounds until the privacy filter kept the synthetic images asked for, but at "
         "most this many times as many (the shortfall is reported; docs/quality.md).",
+    )
+    synthetic_sampler: Literal["gmm", "prior"] = Field(
+        AugmentConfig.model_fields["sampler"].default,
+        description="Where the synthetic images' latent codes come from, as `augment`'s sampler (fitted on "
+        "the fraction's real training images).",
+    )
+    synthetic_restore_detail: bool = Field(
+        AugmentConfig.model_fields["restore_detail"].default,
+        description="Restore the synthetic images' detail as `augment` does (medvae.synth.detail).",
     )
     classifier_epochs: int = Field(12, ge=1, description="Fixed epochs of the small CNN (see classifier.py).")
     privacy_quantile: float = Field(0.01, ge=0, le=1, description="Near-copy quantile for the filter.")

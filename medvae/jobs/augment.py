@@ -41,14 +41,22 @@ def label_seed(seed: int, label: str | None) -> int:
     return int.from_bytes(digest[:8], "big") >> 1  # torch seeds must fit a signed 64-bit integer
 
 
-def synthetic_id(model_hash: str, draw: Draw, k: int) -> str:
-    """The row id of draw ``k`` of a label's draws: the same model, seed, label and index give the same id.
+def synthetic_id(model_hash: str, draw: Draw, k: int, recipe: str) -> str:
+    """The row id of draw ``k`` of a label's draws: the same model, recipe, seed, label and index give the
+    same id.
 
     A repeated augment with the same settings therefore adds nothing new (and says so), while another
-    label or seed can never reuse an id.
+    label, seed or sampling recipe (:func:`recipe`: other pixels) can never reuse an id.
     """
-    data = f"{draw.seed}\0{draw.label or ''}\0{k}".encode()
+    data = f"{recipe}\0{draw.seed}\0{draw.label or ''}\0{k}".encode()
     return "syn-" + keyed_hash(model_hash.encode(), "synthetic", data)[:28]
+
+
+def recipe(cfg: AugmentConfig) -> str:
+    """What besides the model, seed and label decides a sample's pixels: the sampler, its temperature and
+    whether detail is restored."""
+    temperature = f"{cfg.temperature:g}" if cfg.sampler == "gmm" else "-"
+    return f"{cfg.sampler}\0{temperature}\0{'detail' if cfg.restore_detail else 'decoded'}"
 
 
 def plan_draws(label_names: list[str], conditional: bool, cfg: AugmentConfig) -> list[Draw]:
@@ -96,7 +104,7 @@ def generate_synthetic(model_dir: Path, store_uri: str, cfg: AugmentConfig) -> t
     # The signature is checked when the store has a key (a store that has none fails below anyway).
     loaded = load_model(model_dir, key=store_key(store_uri))
     draws = _with_seeds(plan_draws(loaded.label_names, loaded.cfg.model.conditional, cfg), cfg.seed)
-    sampler = _sampler(model_dir, cfg)
+    how = _sampling(model_dir, cfg)
     train = _privacy_reference(loaded.meta.get("dataset", {}), store_uri)
     threshold = privacy_threshold(train, cfg.privacy_quantile)
     rows = empty_rows()
@@ -105,9 +113,9 @@ def generate_synthetic(model_dir: Path, store_uri: str, cfg: AugmentConfig) -> t
     for draw in draws:
         if draw.count <= 0:
             continue
-        images, ks, n_drawn = _draw_until_kept(loaded.model, draw, sampler, train, threshold, cfg.max_draws)
+        images, ks, n_drawn = _draw_until_kept(loaded.model, draw, how, train, threshold, cfg.max_draws)
         for image, k in zip(images, ks, strict=True):
-            _append_row(rows, image, synthetic_id(loaded.hash, draw, k), draw, loaded.hash)
+            _append_row(rows, image, synthetic_id(loaded.hash, draw, k, recipe(cfg)), draw, loaded.hash)
         requested, drawn = requested + draw.count, drawn + n_drawn
         kept[draw.label or ""] += len(ks)
     total = sum(kept.values())
@@ -124,7 +132,7 @@ def generate_synthetic(model_dir: Path, store_uri: str, cfg: AugmentConfig) -> t
 
 
 def _draw_until_kept(
-    model: Any, draw: Draw, sampler: Any, train: np.ndarray, threshold: float, max_draws: float
+    model: Any, draw: Draw, how: Sampling, train: np.ndarray, threshold: float, max_draws: float
 ) -> tuple[list[np.ndarray], list[int], int]:
     """``draw.count`` samples that pass the privacy filter (:func:`~medvae.synth.sample.sample_private`).
 
@@ -142,29 +150,49 @@ def _draw_until_kept(
         train=train,
         threshold=threshold,
         max_draws=max_draws,
-        sampler=sampler,
+        sampler=how.sampler,
+        detail=how.detail,
     )
     ks = np.flatnonzero(got.keep)
     return [got.images[k] for k in ks], [int(k) for k in ks], got.read
 
 
-def _sampler(model_dir: Path, cfg: AugmentConfig) -> Any:
-    """The model's latent mixture at the configured temperature, or None for prior sampling.
+@dataclass(frozen=True)
+class Sampling:
+    """How a model's samples are made: the latent sampler (None: the prior) and the detail restoration
+    (None: the decoder's output as is)."""
+
+    sampler: Any
+    detail: Any
+
+
+def _sampling(model_dir: Path, cfg: AugmentConfig) -> Sampling:
+    """The model's latent mixture at the configured temperature and its fitted detail restoration.
 
     Raises:
-        ValueError: when the mixture is asked for but the model directory has none (trained before it).
+        ValueError: when the mixture or the restoration is asked for but the model directory has none
+            (it was trained by an older medvae).
     """
+    from medvae.synth.detail import load_detail
     from medvae.synth.latent import load_sampler
 
-    if cfg.sampler == "prior":
-        return None
-    sampler = load_sampler(model_dir)
-    if sampler is None:
-        raise ValueError(
-            f"{model_dir} has no latent sampler (it was trained by an older medvae): retrain it, or sample "
-            "from the prior with --set sampler=prior"
-        )
-    return sampler.with_temperature(cfg.temperature)
+    sampler = detail = None
+    if cfg.sampler == "gmm":
+        sampler = load_sampler(model_dir)
+        if sampler is None:
+            raise ValueError(
+                f"{model_dir} has no latent sampler (it was trained by an older medvae): retrain it, or "
+                "sample from the prior with --set sampler=prior"
+            )
+        sampler = sampler.with_temperature(cfg.temperature)
+    if cfg.restore_detail:
+        detail = load_detail(model_dir)
+        if detail is None:
+            raise ValueError(
+                f"{model_dir} has no detail restoration (it was trained by an older medvae): retrain it, or "
+                "keep the decoder's blurry output with --set restore_detail=false"
+            )
+    return Sampling(sampler, detail)
 
 
 def _privacy_reference(dataset: dict[str, Any], store_uri: str) -> np.ndarray:
@@ -248,8 +276,8 @@ def sample_pictures(
     """Grids of synthetic samples, one per label the model can sample (or the one asked for).
 
     Only synthetic images: real scans (and any text burned into them) never go into these pictures.
-    ``how`` gives the sampler and temperature (default: AugmentConfig's), so that the pictures show
-    what augment commits.
+    ``how`` gives the sampler, temperature and detail restoration (default: AugmentConfig's), so that
+    the pictures show what augment commits.
     """
     from medvae.synth.pictures import save_grid
     from medvae.synth.sample import sample_images
@@ -262,14 +290,19 @@ def sample_pictures(
     )
     draws = _with_seeds(plan_draws(loaded.label_names, loaded.cfg.model.conditional, cfg), seed)
     paths = []
-    sampler = _sampler(model_dir, cfg)
+    making = _sampling(model_dir, cfg)
     for draw in draws:
         images = sample_images(
-            loaded.model, 32, label_index=draw.label_index, seed=draw.seed, sampler=sampler
+            loaded.model,
+            32,
+            label_index=draw.label_index,
+            seed=draw.seed,
+            sampler=making.sampler,
+            detail=making.detail,
         )
         name = f"samples_{draw.label}.png" if draw.label else "samples.png"
         caption = f"synthetic · label {draw.label or '-'} · {cfg.sampler} sampler · model {loaded.hash[:12]}"
-        caption += f" · seed {draw.seed}"
+        caption += f" · seed {draw.seed}" + (" · detail restored" if making.detail else "")
         paths.append(str(save_grid(images, out_dir / _safe(name), caption=caption)))
     return paths
 

@@ -129,13 +129,19 @@ def train_job(
 
 
 def _write_sampler(out_dir: Path, model: Any, data: TrainingData, seed: int) -> None:
-    """Fit the latent sampler that synthetic images start from, on the training posterior means."""
+    """Fit the latent sampler that synthetic images start from, on the training posterior means, and the
+    detail restoration of its samples, on the training images' sharpness."""
+    from medvae.synth import detail
     from medvae.synth.latent import SAMPLER_JSON, SAMPLER_TENSORS, fit_for_model
     from medvae.vae.artifacts import write_json, write_tensors
 
-    meta, tensors = fit_for_model(model, data.train_images, data.train_labels, seed=seed).to_files()
+    labels = data.train_labels if model.n_cond else None
+    sampler = fit_for_model(model, data.train_images, labels, seed=seed)
+    meta, tensors = sampler.to_files()
     write_tensors(out_dir, SAMPLER_TENSORS, tensors)
     write_json(out_dir, SAMPLER_JSON, meta)
+    restore = detail.fit_for_model(model, sampler, data.train_images, labels, seed=seed)
+    write_json(out_dir, detail.DETAIL_JSON, restore.to_json())
 
 
 def _write_model_dir(

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from medvae.engine.inference import Device, eval_mode, model_device, resolve_labels, to_uint8
+from medvae.synth.detail import DetailRestoration
 from medvae.synth.latent import GaussianMixtureSampler
 from medvae.vae.model import ConvVAE
 
@@ -24,6 +25,7 @@ def sample_images(
     device: Device = None,
     batch_size: int = 512,
     sampler: GaussianMixtureSampler | None = None,
+    detail: DetailRestoration | None = None,
 ) -> np.ndarray:
     """Decode ``n`` latent draws into uint8 images: from ``sampler`` when given, else the prior N(0, I).
 
@@ -39,6 +41,8 @@ def sample_images(
         device: where to decode (the model is moved there); None: the model's device.
         batch_size: codes decoded per pass.
         sampler: a density fitted on training posterior means (:mod:`medvae.synth.latent`).
+        detail: the model's fitted detail restoration (:mod:`medvae.synth.detail`), applied to the
+            decoded images; None: the decoder's output as is.
 
     Returns:
         uint8 array (n, H, W).
@@ -69,7 +73,8 @@ def sample_images(
             z = z_all[start : start + batch_size].to(dev, dtype)
             y = None if y_all is None else y_all[start : start + batch_size].to(dev)
             out.append(to_uint8(model.decode(z, y)))
-    return np.concatenate(out, axis=0)
+    images = np.concatenate(out, axis=0)
+    return images if detail is None else detail.apply(images, label_index)
 
 
 @dataclass(eq=False)
@@ -155,13 +160,16 @@ def sample_private(
     threshold: float,
     max_draws: float,
     sampler: GaussianMixtureSampler | None = None,
+    detail: DetailRestoration | None = None,
 ) -> PassingDraws:
     """:func:`sample_images` drawn until ``count`` samples passed the privacy filter against ``train``
-    (:func:`sample_passing`; :func:`~medvae.synth.privacy.privacy_filter` at ``threshold``)."""
+    (:func:`sample_passing`; :func:`~medvae.synth.privacy.privacy_filter` at ``threshold``).
+
+    The filter judges the images after detail restoration: those are the ones that are committed."""
     from medvae.synth.privacy import privacy_filter
 
     def draw(n: int, s: int) -> np.ndarray:
-        return sample_images(model, n, label_index=label_index, seed=s, sampler=sampler)
+        return sample_images(model, n, label_index=label_index, seed=s, sampler=sampler, detail=detail)
 
     def passes(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         f = privacy_filter(images, train, threshold)

@@ -127,3 +127,39 @@ def test_trained_models_are_signed_and_a_tampered_one_is_refused(tmp_path: Path)
     assert not (model / SIGNATURE).exists()
     assert any("no longer signed" in w for w in res.warnings)
     assert load_model(model, key=store.key()).signature == "unsigned"
+
+
+def test_training_fits_the_detail_restoration_and_augment_applies_it(
+    trained: tuple[Path, Store, list[Path]], tmp_path: Path
+) -> None:
+    """detail.json matches the decoded samples to the training images' sharpness; the restored and the
+    plain recipes never share a row id; a model directory without it is refused with the way out."""
+    import json
+    import shutil
+
+    from medvae.config import AugmentConfig
+    from medvae.jobs.augment import generate_synthetic
+    from medvae.synth.detail import DETAIL_JSON, sharpness
+    from medvae.vae.artifacts import finalize, sign
+
+    model, store, _ = trained
+    rec = json.loads((model / DETAIL_JSON).read_text())
+    fit = rec["sharpness"]["-1"]  # an unconditional model: one gain, under the unconditional key
+    assert fit["decoded"] < fit["training_images"]  # a 1-epoch decoder is blurrier than its data
+    assert fit["restored"] == pytest.approx(fit["training_images"], rel=0.02) and rec["gains"]["-1"] > 0
+
+    restored, r1 = generate_synthetic(model, store.uri, AugmentConfig(count=6))
+    plain, r2 = generate_synthetic(model, store.uri, AugmentConfig(count=6, restore_detail=False))
+    assert r1.kept == r2.kept == 6
+    assert not set(restored.column("id").to_pylist()) & set(plain.column("id").to_pylist())
+    s_restored, s_plain = (sharpness(images_from(t)) for t in (restored, plain))
+    assert s_restored > s_plain
+
+    old = tmp_path / "old_model"  # as trained before detail restoration existed
+    shutil.copytree(model, old)
+    (old / DETAIL_JSON).unlink()
+    finalize(old)
+    sign(old, store.key())
+    with pytest.raises(ValueError, match=r"no detail restoration.*restore_detail=false"):
+        generate_synthetic(old, store.uri, AugmentConfig(count=2))
+    assert generate_synthetic(old, store.uri, AugmentConfig(count=2, restore_detail=False))[1].kept == 2
