@@ -131,11 +131,31 @@ class Drawn:
         return np.concatenate(xs), np.concatenate(ys)
 
 
+def _sampling(
+    gen: Any, x_tr: np.ndarray, y_tr: np.ndarray, cfg: EvaluateConfig, seed: int
+) -> tuple[Any, Any]:
+    """The latent sampler and the detail restoration of a generator, fitted on its training images as
+    ``medvae train`` fits them (None for the prior, or for no restoration)."""
+    from medvae.synth import detail, latent
+
+    sampler = latent.fit_for_model(gen, x_tr, y_tr, seed=seed) if cfg.synthetic_sampler == "gmm" else None
+    if not cfg.synthetic_restore_detail:
+        return sampler, None
+    return sampler, detail.fit_for_model(gen, sampler, x_tr, y_tr, seed=seed)
+
+
 def _draw_kept(
-    gen: Any, requested: dict[int, int], x_tr: np.ndarray, threshold: float, seed: int, max_draws: float
+    gen: Any,
+    requested: dict[int, int],
+    x_tr: np.ndarray,
+    threshold: float,
+    seed: int,
+    max_draws: float,
+    how: tuple[Any, Any] = (None, None),
 ) -> Drawn:
     """Each label drawn until the privacy filter kept ``requested[c]`` images, or ``max_draws`` times as
-    many were read (:func:`~medvae.synth.sample.sample_private`, as ``medvae augment`` draws)."""
+    many were read (:func:`~medvae.synth.sample.sample_private`, as ``medvae augment`` draws), with the
+    sampler and detail restoration ``how`` (:func:`_sampling`)."""
     from medvae.synth.sample import sample_private
 
     size = x_tr.shape[1:]
@@ -144,7 +164,15 @@ def _draw_kept(
         if n_c <= 0:  # a class this subsample lacks: nothing to draw (sample_passing has no image shape)
             continue
         got = sample_private(
-            gen, n_c, label_index=c, seed=seed + c, train=x_tr, threshold=threshold, max_draws=max_draws
+            gen,
+            n_c,
+            label_index=c,
+            seed=seed + c,
+            train=x_tr,
+            threshold=threshold,
+            max_draws=max_draws,
+            sampler=how[0],
+            detail=how[1],
         )
         parts.append((got.images, np.full(got.read, c, dtype=np.int64), got.keep, got.distances))
     images, labels, keep, dist = (np.concatenate(a) for a in zip(*parts, strict=True))
@@ -163,9 +191,9 @@ def _privacy_threshold(x_tr: np.ndarray, x_val: np.ndarray, q: float, seed: int)
     return max(thr_train, float(np.quantile(nearest_neighbour_distances(x_val, x_tr), q))), thr_train
 
 
-def _privacy(drawn: Drawn, x_tr: np.ndarray, x_test: np.ndarray, q: float, thr: tuple[float, float]) -> tuple[
-    dict[str, Any], np.ndarray
-]:
+def _privacy(
+    drawn: Drawn, x_tr: np.ndarray, x_test: np.ndarray, q: float, thr: tuple[float, float]
+) -> tuple[dict[str, Any], np.ndarray]:
     """Near-copy figures over every drawn image, and the DCRs of the held-out test images."""
     from medvae.synth.privacy import nearest_neighbour_distances
 
@@ -280,7 +308,8 @@ def run_fraction(
     ratios = _ratios(cfg, frac)
     requested = {c: round(max(ratios) * int((y_tr == c).sum())) for c in (0, 1)}
     thr = _privacy_threshold(x_tr, x[sp.val_all], cfg.privacy_quantile, seed)
-    drawn = _draw_kept(gen, requested, x_tr, thr[0], seed * 1000 + fi * 100, cfg.synthetic_max_draws)
+    how = _sampling(gen, x_tr, y_tr, cfg, seed)
+    drawn = _draw_kept(gen, requested, x_tr, thr[0], seed * 1000 + fi * 100, cfg.synthetic_max_draws, how)
     privacy, d_test = _privacy(drawn, x_tr, x[sp.test], cfg.privacy_quantile, thr)
     t1 = time.perf_counter()
     sets = _train_sets(x_tr, y_tr, drawn, ratios, cfg.synthetic_ratio, seed)

@@ -61,7 +61,9 @@ def test_repeated_real_images_reach_the_size_asked_for() -> None:
 def test_draws_continue_until_the_filter_kept_enough_and_are_capped(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[int] = []
 
-    def fake_sample(gen: Any, n: int, *, label_index: int, seed: int, sampler: Any = None) -> np.ndarray:
+    def fake_sample(
+        gen: Any, n: int, *, label_index: int, seed: int, sampler: Any = None, detail: Any = None
+    ) -> np.ndarray:
         calls.append(n)
         return np.full((n, 2, 2), seed % 256, dtype=np.uint8)
 
@@ -94,7 +96,7 @@ def test_smaller_shares_are_prefixes_of_the_larger_ones() -> None:
 
 
 def test_a_class_with_nothing_to_draw_gives_an_empty_share(monkeypatch: pytest.MonkeyPatch) -> None:
-    def ones(g: Any, n: int, *, label_index: int, seed: int, sampler: Any) -> np.ndarray:
+    def ones(g: Any, n: int, *, label_index: int, seed: int, sampler: Any, detail: Any) -> np.ndarray:
         return np.ones((n, 2, 2), np.uint8)
 
     monkeypatch.setattr("medvae.synth.sample.sample_images", ones)
