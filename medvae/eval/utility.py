@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -20,6 +20,9 @@ from medvae.data.splits import grouped_subsample
 from medvae.eval.anomaly import with_seed_device
 from medvae.eval.data import EvalData
 from medvae.eval.metrics import paired_differences, summarise
+
+if TYPE_CHECKING:
+    from medvae.synth.sample import Sampling
 
 TRAINING_SETS = ("real", "real_synthetic", "synthetic", "real_repeated")
 SET_NAMES = {
@@ -131,19 +134,6 @@ class Drawn:
         return np.concatenate(xs), np.concatenate(ys)
 
 
-def _sampling(
-    gen: Any, x_tr: np.ndarray, y_tr: np.ndarray, cfg: EvaluateConfig, seed: int
-) -> tuple[Any, Any]:
-    """The latent sampler and the detail restoration of a generator, fitted on its training images as
-    ``medvae train`` fits them (None for the prior, or for no restoration)."""
-    from medvae.synth import detail, latent
-
-    sampler = latent.fit_for_model(gen, x_tr, y_tr, seed=seed) if cfg.synthetic_sampler == "gmm" else None
-    if not cfg.synthetic_restore_detail:
-        return sampler, None
-    return sampler, detail.fit_for_model(gen, sampler, x_tr, y_tr, seed=seed)
-
-
 def _draw_kept(
     gen: Any,
     requested: dict[int, int],
@@ -151,11 +141,11 @@ def _draw_kept(
     threshold: float,
     seed: int,
     max_draws: float,
-    how: tuple[Any, Any] = (None, None),
+    how: Sampling,
 ) -> Drawn:
     """Each label drawn until the privacy filter kept ``requested[c]`` images, or ``max_draws`` times as
     many were read (:func:`~medvae.synth.sample.sample_private`, as ``medvae augment`` draws), with the
-    sampler and detail restoration ``how`` (:func:`_sampling`)."""
+    sampler and detail restoration ``how``."""
     from medvae.synth.sample import sample_private
 
     size = x_tr.shape[1:]
@@ -171,8 +161,8 @@ def _draw_kept(
             train=x_tr,
             threshold=threshold,
             max_draws=max_draws,
-            sampler=how[0],
-            detail=how[1],
+            sampler=how.sampler,
+            detail=how.detail,
         )
         parts.append((got.images, np.full(got.read, c, dtype=np.int64), got.keep, got.distances))
     images, labels, keep, dist = (np.concatenate(a) for a in zip(*parts, strict=True))
@@ -292,6 +282,7 @@ def run_fraction(
 ) -> FractionRun:
     """Generator, synthetic images, privacy filter and the classifiers at label fraction ``fi``."""
     from medvae.engine.trainer import train_vae
+    from medvae.synth.sample import fit_sampling
 
     x, y01, sp = ed.x, ed.y01, ed.split
     frac = cfg.label_fractions[fi]
@@ -308,7 +299,14 @@ def run_fraction(
     ratios = _ratios(cfg, frac)
     requested = {c: round(max(ratios) * int((y_tr == c).sum())) for c in (0, 1)}
     thr = _privacy_threshold(x_tr, x[sp.val_all], cfg.privacy_quantile, seed)
-    how = _sampling(gen, x_tr, y_tr, cfg, seed)
+    how = fit_sampling(
+        gen,
+        x_tr,
+        y_tr,
+        seed=seed,
+        mixture=cfg.synthetic_sampler == "gmm",
+        restore_detail=cfg.synthetic_restore_detail,
+    )
     drawn = _draw_kept(gen, requested, x_tr, thr[0], seed * 1000 + fi * 100, cfg.synthetic_max_draws, how)
     privacy, d_test = _privacy(drawn, x_tr, x[sp.test], cfg.privacy_quantile, thr)
     t1 = time.perf_counter()

@@ -6,7 +6,7 @@ import hashlib
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -15,6 +15,9 @@ from medvae.config import AugmentConfig, to_jsonable
 from medvae.data.deid import keyed_hash
 from medvae.data.store import Store, empty_rows, images_from, lineage, to_arrow
 from medvae.jobs.results import AugmentResult
+
+if TYPE_CHECKING:  # torch-free at import: the CLI imports this module
+    from medvae.synth.sample import Sampling
 
 
 @dataclass(frozen=True)
@@ -157,15 +160,6 @@ def _draw_until_kept(
     return [got.images[k] for k in ks], [int(k) for k in ks], got.read
 
 
-@dataclass(frozen=True)
-class Sampling:
-    """How a model's samples are made: the latent sampler (None: the prior) and the detail restoration
-    (None: the decoder's output as is)."""
-
-    sampler: Any
-    detail: Any
-
-
 def _sampling(model_dir: Path, cfg: AugmentConfig) -> Sampling:
     """The model's latent mixture at the configured temperature and its fitted detail restoration.
 
@@ -175,6 +169,7 @@ def _sampling(model_dir: Path, cfg: AugmentConfig) -> Sampling:
     """
     from medvae.synth.detail import load_detail
     from medvae.synth.latent import load_sampler
+    from medvae.synth.sample import Sampling
 
     sampler = detail = None
     if cfg.sampler == "gmm":

@@ -131,17 +131,17 @@ def train_job(
 def _write_sampler(out_dir: Path, model: Any, data: TrainingData, seed: int) -> None:
     """Fit the latent sampler that synthetic images start from, on the training posterior means, and the
     detail restoration of its samples, on the training images' sharpness."""
-    from medvae.synth import detail
-    from medvae.synth.latent import SAMPLER_JSON, SAMPLER_TENSORS, fit_for_model
+    from medvae.synth.detail import DETAIL_JSON
+    from medvae.synth.latent import SAMPLER_JSON, SAMPLER_TENSORS
+    from medvae.synth.sample import fit_sampling
     from medvae.vae.artifacts import write_json, write_tensors
 
-    labels = data.train_labels if model.n_cond else None
-    sampler = fit_for_model(model, data.train_images, labels, seed=seed)
-    meta, tensors = sampler.to_files()
+    how = fit_sampling(model, data.train_images, data.train_labels, seed=seed)
+    assert how.sampler is not None and how.detail is not None  # both asked for
+    meta, tensors = how.sampler.to_files()
     write_tensors(out_dir, SAMPLER_TENSORS, tensors)
     write_json(out_dir, SAMPLER_JSON, meta)
-    restore = detail.fit_for_model(model, sampler, data.train_images, labels, seed=seed)
-    write_json(out_dir, detail.DETAIL_JSON, restore.to_json())
+    write_json(out_dir, DETAIL_JSON, how.detail.to_json())
 
 
 def _write_model_dir(

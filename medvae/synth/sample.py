@@ -15,6 +15,44 @@ from medvae.synth.latent import GaussianMixtureSampler
 from medvae.vae.model import ConvVAE
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How a model's samples are made: the latent sampler (None: the prior N(0, I)) and the detail
+    restoration (None: the decoder's output as is)."""
+
+    sampler: GaussianMixtureSampler | None = None
+    detail: DetailRestoration | None = None
+
+
+def fit_sampling(
+    model: ConvVAE,
+    images: np.ndarray,
+    labels: np.ndarray | None,
+    *,
+    seed: int,
+    mixture: bool = True,
+    restore_detail: bool = True,
+) -> Sampling:
+    """Fit how a trained model samples, on its training images: the one recipe that ``medvae train``
+    saves and ``medvae evaluate`` measures.
+
+    Args:
+        model: the trained ConvVAE.
+        images: its uint8 training images (N, H, W).
+        labels: their label indices for a conditional model, else None (ignored for an unconditional one).
+        seed: the fitting seed.
+        mixture: fit the latent Gaussian mixture on the posterior means; False: sample the prior.
+        restore_detail: fit the unsharp mask that matches the samples' sharpness to the images'.
+    """
+    from medvae.synth import detail, latent
+
+    labels = labels if model.n_cond else None
+    sampler = latent.fit_for_model(model, images, labels, seed=seed) if mixture else None
+    if not restore_detail:
+        return Sampling(sampler, None)
+    return Sampling(sampler, detail.fit_for_model(model, sampler, images, labels, seed=seed))
+
+
 @torch.no_grad()
 def sample_images(
     model: ConvVAE,

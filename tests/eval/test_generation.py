@@ -10,6 +10,7 @@ import pytest
 
 from medvae.eval.generation import frechet_distance, knn_precision_recall, label_fidelity
 from medvae.eval.utility import Drawn, _draw_kept, _repeated
+from medvae.synth.sample import Sampling
 
 
 def _eig_fd(a: np.ndarray, b: np.ndarray) -> float:
@@ -73,13 +74,17 @@ def test_draws_continue_until_the_filter_kept_enough_and_are_capped(monkeypatch:
 
     monkeypatch.setattr("medvae.synth.sample.sample_images", fake_sample)
     monkeypatch.setattr("medvae.synth.privacy.privacy_filter", keep_every_fourth)
-    drawn = _draw_kept(None, {0: 10, 1: 4}, np.zeros((3, 2, 2), np.uint8), 0.1, seed=0, max_draws=8.0)
+    drawn = _draw_kept(
+        None, {0: 10, 1: 4}, np.zeros((3, 2, 2), np.uint8), 0.1, seed=0, max_draws=8.0, how=Sampling()
+    )
     for c, n in ((0, 10), (1, 4)):
         assert int((drawn.keep & (drawn.labels == c)).sum()) >= n
         assert int((drawn.labels == c).sum()) <= 8 * n
     assert len(calls) > 2  # one round of the requested size would have kept a quarter
     # A cap of 2x the request cannot reach 10 kept at a keep rate of 1/4: the shortfall stays visible.
-    capped = _draw_kept(None, {0: 10}, np.zeros((3, 2, 2), np.uint8), 0.1, seed=0, max_draws=2.0)
+    capped = _draw_kept(
+        None, {0: 10}, np.zeros((3, 2, 2), np.uint8), 0.1, seed=0, max_draws=2.0, how=Sampling()
+    )
     assert len(capped.labels) == 20 and int(capped.keep.sum()) == 6  # rounds of 10: 3 kept each
 
 
@@ -104,7 +109,11 @@ def test_a_class_with_nothing_to_draw_gives_an_empty_share(monkeypatch: pytest.M
         "medvae.synth.privacy.privacy_filter",
         lambda xs, tr, thr: SimpleNamespace(keep=np.ones(len(xs), bool), distances=np.ones(len(xs))),
     )
-    drawn = _draw_kept(None, {0: 0, 1: 3}, np.zeros((3, 2, 2), np.uint8), 0.1, seed=0, max_draws=2.0)
+    drawn = _draw_kept(
+        None, {0: 0, 1: 3}, np.zeros((3, 2, 2), np.uint8), 0.1, seed=0, max_draws=2.0, how=Sampling()
+    )
     assert drawn.images.shape == (3, 2, 2) and drawn.labels.tolist() == [1, 1, 1]
-    none = _draw_kept(None, {0: 0, 1: 0}, np.zeros((3, 2, 2), np.uint8), 0.1, seed=0, max_draws=2.0)
+    none = _draw_kept(
+        None, {0: 0, 1: 0}, np.zeros((3, 2, 2), np.uint8), 0.1, seed=0, max_draws=2.0, how=Sampling()
+    )
     assert none.images.shape == (0, 2, 2) and len(none.keep) == 0

@@ -8,8 +8,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from medvae.jobs.augment import Draw, Sampling, _draw_until_kept
-from medvae.synth.sample import round_seed
+from medvae.jobs.augment import Draw, _draw_until_kept
+from medvae.synth.sample import Sampling, round_seed
 
 
 @pytest.fixture
