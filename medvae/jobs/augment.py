@@ -16,7 +16,7 @@ from medvae.data.deid import keyed_hash
 from medvae.data.store import Store, empty_rows, images_from, lineage, to_arrow
 from medvae.jobs.results import AugmentResult
 
-if TYPE_CHECKING:  # torch-free at import: the CLI imports this module
+if TYPE_CHECKING:  # torch-free at import: flows/augment.py imports this module when Prefect loads it
     from medvae.synth.sample import Sampling
 
 
