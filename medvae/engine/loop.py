@@ -41,7 +41,7 @@ class Engine:
         module: what a step calls: ``eager``, or its ``torch.compile`` wrapper.
         eager: ``model`` as the strategy wrapped it (itself, or DDP); the fallback if compiling fails.
         optimizer: Adam over ``model``'s parameters.
-        loss_cfg: the negative-ELBO settings.
+        loss_cfg: the negative-ELBO settings, resolved for the kind of model (`TrainConfig.resolved_loss`).
         device: where the model and the data live.
         amp_dtype: the autocast dtype, or None for plain fp32.
         channels_last: whether the model and the batches use the channels-last memory format.
@@ -113,7 +113,8 @@ def build_engine(
     eager = strategy.wrap(model, sync_bn)
     optimizer = _make_adam(model, cfg)
     dtype = {"auto": autocast_dtype(device), "off": None, "bf16": torch.bfloat16}[amp]
-    return Engine(model, _compiled(eager, cfg.compile), eager, optimizer, cfg.loss, device, dtype, cl)
+    loss = cfg.resolved_loss
+    return Engine(model, _compiled(eager, cfg.compile), eager, optimizer, loss, device, dtype, cl)
 
 
 def _forward_backward(engine: Engine, x: Tensor, y: Tensor | None, kl_w: float) -> Tensor:

@@ -87,6 +87,42 @@ def kl_weight(epoch: int, cfg: LossConfig) -> float:
     return float(cfg.beta) * min(1.0, max(0, epoch) / cfg.kl_warmup_epochs)
 
 
+_SSIM_WINDOW, _SSIM_SIGMA, _SSIM_K1, _SSIM_K2 = 11, 1.5, 0.01, 0.03
+
+
+def _gaussian_window(dtype: torch.dtype, device: torch.device) -> Tensor:
+    r = torch.arange(_SSIM_WINDOW, dtype=dtype, device=device) - (_SSIM_WINDOW - 1) / 2
+    g = torch.exp(-(r**2) / (2 * _SSIM_SIGMA**2))
+    g = g / g.sum()
+    return (g[:, None] * g[None, :])[None, None]
+
+
+def ssim_per_image(a: Tensor, b: Tensor) -> Tensor:
+    """The mean SSIM (Wang et al. 2004) of each pair of single-channel images in [0, 1], shape (N,).
+
+    Gaussian 11×11 window of σ 1.5 over valid positions, K1 0.01, K2 0.03: the definition of MONAI's
+    ``SSIMMetric``, which the tests hold it to. It is written out in torch so that training never
+    imports MONAI (the GPU image has none).
+    """
+    w = _gaussian_window(a.dtype, a.device)
+    c1, c2 = _SSIM_K1**2, _SSIM_K2**2
+    mu_a, mu_b = F.conv2d(a, w), F.conv2d(b, w)
+    var_a = F.conv2d(a * a, w) - mu_a**2
+    var_b = F.conv2d(b * b, w) - mu_b**2
+    cov = F.conv2d(a * b, w) - mu_a * mu_b
+    ssim = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
+    return ssim.flatten(1).mean(dim=1)
+
+
+def structural_loss(out: VAEOutput, x: Tensor) -> Tensor:
+    """``(1 - SSIM) * pixels`` of each reconstruction against its image, shape (N,), float32.
+
+    Scaled by the pixel count because the likelihood is a sum over pixels: a weight of 1 puts the two
+    on one scale. Images must be at least 11 px on a side (the SSIM window).
+    """
+    return (1.0 - ssim_per_image(out.recon.float(), x.float())) * float(x[0].numel())
+
+
 def negative_elbo(out: VAEOutput, x: Tensor, cfg: LossConfig, kl_w: float | Tensor) -> LossParts:
     """The (β-weighted) negative ELBO of a batch and its parts.
 
@@ -97,8 +133,13 @@ def negative_elbo(out: VAEOutput, x: Tensor, cfg: LossConfig, kl_w: float | Tens
         kl_w: the KL weight, e.g. from :func:`kl_weight`; a 0-dim tensor also works.
 
     Returns:
-        ``LossParts(loss, recon, kl)``: batch means of per-image sums, with ``loss = recon + kl_w * kl``.
+        ``LossParts(loss, recon, kl)``: batch means of per-image sums, with ``loss = recon + kl_w * kl``;
+        ``recon`` includes the structural term when ``cfg.ssim_weight`` is set.
     """
     recon = reconstruction_nll(out, x, cfg.reconstruction).mean()
+    # None (unresolved, see TrainConfig.resolved_loss) is the plain ELBO. The term is part of the
+    # reconstruction term, so that selection and the logs see the loss that was trained on.
+    if cfg.ssim_weight:
+        recon = recon + cfg.ssim_weight * structural_loss(out, x).mean()
     kl = kl_divergence(out.mu, out.logvar).mean()
     return LossParts(recon + kl_w * kl, recon, kl)

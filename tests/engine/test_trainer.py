@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from medvae.config import GENERATOR_MIN_STEPS, LossConfig, ModelConfig, TrainConfig
+from medvae.config import GENERATOR_MIN_STEPS, GENERATOR_SSIM_WEIGHT, LossConfig, ModelConfig, TrainConfig
 from medvae.engine import CHECKPOINT_NAME, Callback, Local, load_checkpoint, select_device, train_vae
 from medvae.engine.callbacks import ModelSelection
 from medvae.engine.data import augment_batch
@@ -428,6 +428,17 @@ def test_a_step_floor_raises_the_epochs_of_a_small_dataset() -> None:
     assert _cfg(model=cond).step_floor == GENERATOR_MIN_STEPS and _cfg().step_floor == 0
     # Two processes at the same global batch take the same 4 global steps.
     assert step_budget(_cfg(epochs=1, min_steps=10), 30, world_size=2)[1] == 3
+
+
+def test_the_structural_loss_weight_resolves_by_the_kind_of_model() -> None:
+    cond = ModelConfig(image_size=16, channels=(8, 16), latent_dim=4, conditional=True, num_classes=2)
+    assert _cfg(model=cond).resolved_loss.ssim_weight == GENERATOR_SSIM_WEIGHT > 0
+    assert _cfg().resolved_loss.ssim_weight == 0.0
+    explicit = _cfg(model=cond, loss=LossConfig(kl_warmup_epochs=2, ssim_weight=0.0))
+    assert explicit.resolved_loss.ssim_weight == 0.0
+    # The engine trains on the resolved loss, and nothing else of the loss config changes.
+    engine = build_engine(_cfg(model=cond), Local(torch.device("cpu")))
+    assert engine.loss_cfg == _cfg(model=cond).loss.model_copy(update={"ssim_weight": GENERATOR_SSIM_WEIGHT})
 
 
 def test_early_stopping_waits_for_the_step_floor() -> None:

@@ -91,3 +91,42 @@ def test_negative_elbo_is_recon_plus_weighted_kl(kind: str) -> None:
     torch.testing.assert_close(parts.recon, reconstruction_nll(out, x, cfg.reconstruction).mean())
     torch.testing.assert_close(parts.kl, kl_divergence(out.mu, out.logvar).mean())
     torch.testing.assert_close(parts.loss, parts.recon + 0.3 * parts.kl)
+
+
+def test_structural_term_is_zero_for_a_perfect_reconstruction_and_scales_with_pixels() -> None:
+    from medvae.vae.losses import structural_loss
+
+    g = torch.Generator().manual_seed(2)
+    x = torch.rand(3, 1, 16, 16, generator=g)
+    logits = torch.logit(x.clamp(1e-4, 1 - 1e-4))
+    z = torch.zeros(3, 2)
+    same = structural_loss(_out(logits, z, z), x)
+    assert same.shape == (3,)
+    torch.testing.assert_close(same, torch.zeros(3), atol=0.05, rtol=0)
+    noisy = structural_loss(_out(torch.randn(3, 1, 16, 16, generator=g), z, z), x)
+    # (1 - SSIM) of an unrelated image is near 1, times the 256 pixels.
+    assert bool((noisy > 0.5 * 256).all()) and bool((noisy < 2.0 * 256).all())
+
+
+def test_ssim_weight_adds_the_weighted_structural_term_to_recon() -> None:
+    from medvae.vae.losses import structural_loss
+
+    g = torch.Generator().manual_seed(3)
+    out = _out(torch.randn(4, 1, 16, 16, generator=g), torch.randn(4, 3, generator=g), torch.zeros(4, 3))
+    x = torch.rand(4, 1, 16, 16, generator=g)
+    parts = negative_elbo(out, x, LossConfig(ssim_weight=0.25), 0.5)
+    nll = reconstruction_nll(out, x, "bce").mean()
+    torch.testing.assert_close(parts.recon, nll + 0.25 * structural_loss(out, x).mean())
+    torch.testing.assert_close(parts.loss, parts.recon + 0.5 * parts.kl)
+
+
+def test_ssim_matches_monai() -> None:
+    from monai.losses import SSIMLoss
+
+    from medvae.vae.losses import ssim_per_image
+
+    g = torch.Generator().manual_seed(4)
+    a = torch.rand(3, 1, 24, 20, generator=g)
+    b = (a + 0.2 * torch.randn(3, 1, 24, 20, generator=g)).clamp(0, 1)
+    monai_ssim = 1.0 - SSIMLoss(spatial_dims=2, data_range=1.0, reduction="none")(a, b).reshape(-1)
+    torch.testing.assert_close(ssim_per_image(a, b), monai_ssim, atol=1e-5, rtol=0)
