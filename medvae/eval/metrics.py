@@ -150,8 +150,8 @@ def paired_differences(a: Sequence[float | None], b: Sequence[float | None]) -> 
     return summarise([x - y for x, y in zip(a, b, strict=True) if x is not None and y is not None])
 
 
-def fmt_msd(s: dict[str, Any], digits: int = 3) -> str:
-    """``mean ± sd`` of a :func:`summarise` result, or ``n/a``."""
-    if s.get("mean") is None:
+def fmt_msd(s: dict[str, Any] | None, digits: int = 3) -> str:
+    """``mean ± sd`` of a :func:`summarise` result, or ``n/a`` (also for a figure not measured: None)."""
+    if not s or s.get("mean") is None:
         return "n/a"
     return f"{s['mean']:.{digits}f} ± {s['sd']:.{digits}f}"

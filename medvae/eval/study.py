@@ -493,10 +493,14 @@ def _generation_lines(fraction: str, v: dict[str, Any]) -> list[str]:
         f"    paired: real+synthetic − real {fmt_msd(v['real_synthetic_minus_real'])}, − real repeated "
         f"{fmt_msd(v['real_synthetic_minus_real_repeated'])}"
     ]
-    sweep = [k for k in v if k.startswith("real_synthetic@")]
+    sweep = [k.split("@")[1] for k in v if k.startswith("real_synthetic@")]
     if sweep:
-        shares = ", ".join(f"{k.split('@')[1]}x {fmt_msd(v[k])}" for k in sweep)
-        lines.append(f"    other synthetic shares: {shares}")
+        shares = ", ".join(
+            f"{r}x {fmt_msd(v[f'real_synthetic@{r}'])} | {fmt_msd(v.get(f'synthetic@{r}'))} | "
+            f"{fmt_msd(v.get(f'tstr_ratio@{r}'))}"
+            for r in sweep
+        )
+        lines.append(f"    other synthetic shares (real+synthetic | synthetic only | TSTR/real): {shares}")
     for which, g in (v.get("generation") or {}).items():
         if g:
             lines.append(

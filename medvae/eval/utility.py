@@ -54,7 +54,8 @@ class FractionRun:
         auroc: test AUROC of the classifier per training set (None when a set has one class only):
             ``real``, ``real_synthetic`` (the primary share), ``synthetic`` (TSTR), ``real_repeated`` (the
             real images repeated to the real + synthetic size: the same steps, no new images) and
-            ``real_synthetic@R`` for the other shares R of the sweep.
+            ``real_synthetic@R`` and ``synthetic@R`` for the other shares R of the sweep (TSTR at
+            share 1 is the same-size comparison).
         sizes: the images in each training set.
         privacy: the near-copy figures.
         generation: FD, precision, recall and label fidelity (:mod:`medvae.eval.generation`) of every
@@ -232,6 +233,7 @@ def _train_sets(
         if r != primary:
             xr, yr = drawn.kept(r, counts)
             sets[f"real_synthetic@{r:g}"] = (np.concatenate([x_tr, xr]), np.concatenate([y_tr, yr]))
+            sets[f"synthetic@{r:g}"] = (xr, yr)
     return sets
 
 
@@ -351,16 +353,25 @@ def summarise_utility(runs: list[UtilityRun]) -> tuple[dict[str, Any], dict[str,
         per = [u.fractions[f] for u in runs]
         names = [k for k in per[0].auroc if all(k in r.auroc for r in per)]
         a = {k: [r.auroc[k] for r in per] for k in names}
-        ratios = [s / r for s, r in zip(a["synthetic"], a["real"], strict=True) if s is not None and r]
         u_summary[f] = {
             **{k: summarise(a[k]) for k in names},
-            "tstr_ratio": summarise(ratios),
+            "tstr_ratio": summarise(_ratios_to_real(a["synthetic"], a["real"])),
+            **{
+                f"tstr_ratio@{k.split('@')[1]}": summarise(_ratios_to_real(a[k], a["real"]))
+                for k in names
+                if k.startswith("synthetic@")
+            },
             "real_synthetic_minus_real": paired_differences(a["real_synthetic"], a["real"]),
             "real_synthetic_minus_real_repeated": paired_differences(a["real_synthetic"], a["real_repeated"]),
             "generation": _generation_summary(per),
         }
         p_summary[f] = {k: summarise([r.privacy[k] for r in per]) for k in PRIVACY_FIGURES}
     return u_summary, p_summary
+
+
+def _ratios_to_real(syn: list[float | None], real: list[float | None]) -> list[float]:
+    """Per seed: synthetic-only AUROC / real AUROC (TSTR / TRTR), where both were measured."""
+    return [s / r for s, r in zip(syn, real, strict=True) if s is not None and r]
 
 
 def _generation_summary(per: list[FractionRun]) -> dict[str, Any]:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from medvae.eval.generation import frechet_distance, knn_precision_recall, label_fidelity
-from medvae.eval.utility import Drawn, _draw_kept, _repeated
+from medvae.eval.utility import Drawn, _draw_kept, _repeated, _train_sets, summarise_utility
 from medvae.synth.sample import Sampling
 
 
@@ -117,3 +117,46 @@ def test_a_class_with_nothing_to_draw_gives_an_empty_share(monkeypatch: pytest.M
         None, {0: 0, 1: 0}, np.zeros((3, 2, 2), np.uint8), 0.1, seed=0, max_draws=2.0, how=Sampling()
     )
     assert none.images.shape == (0, 2, 2) and len(none.keep) == 0
+
+
+def test_every_share_gets_real_plus_synthetic_and_synthetic_only_sets() -> None:
+    labels = np.array([0, 1] * 4)
+    images = np.arange(8, dtype=np.uint8)[:, None, None] * np.ones((8, 1, 1), np.uint8)
+    d = Drawn(images, labels, np.ones(8, bool), np.zeros(8), {0: 4, 1: 4})
+    x_tr, y_tr = np.full((4, 1, 1), 100, np.uint8), np.array([0, 0, 1, 1])
+    sets = _train_sets(x_tr, y_tr, d, (0.5, 1.0, 2.0), 2.0, seed=0)
+    assert set(sets) == {
+        "real",
+        "real_synthetic",
+        "synthetic",
+        "real_repeated",
+        "real_synthetic@0.5",
+        "synthetic@0.5",
+        "real_synthetic@1",
+        "synthetic@1",
+    }
+    sizes = {k: len(v[1]) for k, v in sets.items()}
+    assert (sizes["synthetic"], sizes["synthetic@1"], sizes["synthetic@0.5"]) == (8, 4, 2)
+    assert sizes["real_synthetic@1"] == 8 and sizes["real_repeated"] == sizes["real_synthetic"] == 12
+    # The same-size synthetic set holds synthetic images only, both labels, as many as the real ones.
+    xs, ys = sets["synthetic@1"]
+    assert int(xs.max()) < 100 and sorted(ys.tolist()) == [0, 0, 1, 1]
+
+
+def test_the_summary_gives_tstr_at_every_share() -> None:
+    def run(seed: int, real: float, syn: float, syn1: float) -> Any:
+        auroc = {
+            "real": real,
+            "real_synthetic": 0.99,
+            "synthetic": syn,
+            "real_repeated": 0.99,
+            "synthetic@1": syn1,
+        }
+        fr = SimpleNamespace(auroc=auroc, generation={}, privacy={k: 0.0 for k in PRIVACY})
+        return SimpleNamespace(seed=seed, fractions={"0.1": fr})
+
+    from medvae.eval.utility import PRIVACY_FIGURES as PRIVACY
+
+    u, _ = summarise_utility([run(0, 0.8, 0.76, 0.72), run(1, 1.0, 0.9, 0.8)])
+    assert u["0.1"]["tstr_ratio"]["mean"] == pytest.approx((0.95 + 0.9) / 2)
+    assert u["0.1"]["tstr_ratio@1"]["mean"] == pytest.approx((0.9 + 0.8) / 2)
