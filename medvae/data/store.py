@@ -264,6 +264,11 @@ def lineage(operation: str, config: dict[str, Any], **extra: Any) -> dict[str, A
     }
 
 
+# A data file, or one still being written: delta-rs's local object store writes ``<name>.parquet#<n>``
+# and renames it into place, so a concurrent first ingest can be caught with only the staging file.
+_DATA_FILE = re.compile(r"[^/]+\.parquet(#\d+)?")
+
+
 def _location_problem(root: Path, writing: bool) -> str | None:
     """What makes a local path unusable as a store, in words, or None.
 
@@ -290,7 +295,7 @@ def _location_problem(root: Path, writing: bool) -> str | None:
         return f"cannot list store folder {root}: {exc.strerror or exc}"
     foreign = [e for e in entries if e not in (KEY_DIR, "_delta_log")]
     # A medvae writer creating the store writes its key, then the data files, then the _delta_log.
-    creating = KEY_DIR in entries and all(e.endswith(".parquet") for e in foreign)
+    creating = KEY_DIR in entries and all(_DATA_FILE.fullmatch(e) for e in foreign)
     if foreign and not creating:
         return (
             f"{root} exists but is not a medvae store (no _delta_log): it holds {len(foreign)} other "

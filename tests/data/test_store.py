@@ -202,6 +202,18 @@ def test_a_folder_of_other_things_is_not_a_store(tmp_path: Path) -> None:
     _one_line_store_error(Store(tmp_path / "odd").version, "_delta_log is a file")
 
 
+def test_a_store_caught_mid_create_is_a_store_to_create(tmp_path: Path) -> None:
+    """Another writer's first version half-written: its key, a data file and one still staged under
+    delta-rs's ``<name>.parquet#<n>`` (renamed into place when written) must not read as a foreign folder."""
+    other = Store(tmp_path / "store")
+    other.key()
+    (tmp_path / "store" / "part-00000-a-c000.snappy.parquet").write_bytes(b"")
+    (tmp_path / "store" / "part-00000-b-c000.snappy.parquet#1").write_bytes(b"")
+    assert not Store(tmp_path / "store").exists()
+    (tmp_path / "store" / "notes.txt#1").write_bytes(b"")  # anything else still makes it foreign
+    _one_line_store_error(Store(tmp_path / "store").exists, "exists but is not a medvae store")
+
+
 def test_new_empty_and_key_only_folders_are_stores_to_create(tmp_path: Path) -> None:
     for name in ("new", "empty", "keyonly"):
         s = Store(tmp_path / name)
