@@ -835,6 +835,13 @@ class Committed(int):
     def __repr__(self) -> str:
         return f"Committed(version={int(self)}, ids={len(self.ids)})"
 
+    def __str__(self) -> str:
+        # int's str() falls back to repr(): without this, "version {v}" printed the repr to users.
+        return str(int(self))
+
+    def __format__(self, spec: str) -> str:
+        return format(int(self), spec)
+
 
 Meta = dict[str, Any] | Callable[[frozenset[str]], dict[str, Any]]
 

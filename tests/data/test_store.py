@@ -395,3 +395,10 @@ def test_a_real_full_disk_leaves_the_prior_version_and_no_orphan(tmp_path: Path)
         assert a["version"] == 0 and a["files"] == 1, a  # the prior version, and its one data file only
         assert "disk is full" in a["msg"] and "\x1b" not in a["msg"] and "\n" not in a["msg"], a
     assert any(a["removed"] for a in failed), f"no attempt hit the log-entry write: {attempts}"
+
+
+def test_a_committed_version_prints_as_its_number(tmp_path: Path) -> None:
+    """Messages say "version 0", never the repr (augment once printed "version Committed(version=1, ...)")."""
+    v = Store(tmp_path / "store").insert_new(_rows(["a", "b"]), lineage("ingest", {}))
+    assert f"version {v}" == "version 0" and str(v) == "0" and f"{v:>3}" == "  0"
+    assert v.ids == {"a", "b"} and "ids=2" in repr(v)
