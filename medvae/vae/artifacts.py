@@ -48,6 +48,7 @@ WEIGHTS = "weights.safetensors"
 CONFIG = "config.json"
 META = "meta.json"
 METRICS = "metrics.json"
+TIMING = "timing.json"
 VERSIONS = "versions.json"
 HASH = "hash.txt"
 SIGNATURE = "signature.txt"
@@ -60,8 +61,11 @@ _DERIVED = ("calibration.json", "calibration.safetensors")
 # they need not be importable on a training-only GPU box.
 _OPTIONAL_PACKAGES = ("torchvision", "monai", "pydicom", "deltalake", "prefect", "safetensors", "pydantic")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-# Written after the hash and about it, so never part of it.
-_NOT_HASHED = frozenset({HASH, SIGNATURE})
+# Written after the hash and about it, so never part of it; and the wall-clock record of the run, which
+# differs between two runs that give the same weights (the hash names the model, not the run).
+_NOT_HASHED = frozenset({HASH, SIGNATURE, TIMING})
+# Training metrics that measure the machine, not the model: split off into TIMING.
+_WALL_CLOCK = frozenset({"seconds", "img_per_s"})
 # keyed_hash domains: the signature of a content hash, and an id of the key that made it (for messages).
 _SIGNATURE_KIND, _KEY_ID_KIND = "model-signature", "model-signature-key-id"
 # What ModelConfig fields defaulted to before they existed: config.json files written then must load as
@@ -397,6 +401,29 @@ def read_tensors(model_dir: Path, name: str) -> dict[str, Tensor]:
         raise ValueError(f"{path} is not a valid safetensors file ({exc}); {_LAYOUT}") from exc
 
 
+def split_wall_clock(obj: Any) -> tuple[Any, Any]:
+    """``obj`` without its wall-clock fields, and those fields alone, each in the same nesting.
+
+    Lists keep their length (an epoch without timing becomes ``{}``), so ``timing["history"][i]`` is
+    epoch ``i``'s.
+    """
+    if isinstance(obj, dict):
+        kept: dict[str, Any] = {}
+        timing: dict[str, Any] = {}
+        for k, v in obj.items():
+            if k in _WALL_CLOCK:
+                timing[k] = v
+                continue
+            kept[k], t = split_wall_clock(v)
+            if any(t) if isinstance(t, list) else t:
+                timing[k] = t
+        return kept, timing
+    if isinstance(obj, list):
+        pairs = [split_wall_clock(v) for v in obj]
+        return [a for a, _ in pairs], [b if b is not None else {} for _, b in pairs]
+    return obj, None
+
+
 def save_model_dir(
     out: Path,
     model: nn.Module,
@@ -417,7 +444,9 @@ def save_model_dir(
         cfg: the resolved training configuration (with ``model.num_classes`` set for a CVAE).
         label_names: class names in label-index order.
         dataset: where the training data came from (store URI, version, row filter, row counts).
-        metrics: training history and summary (JSON-serialisable).
+        metrics: training history and summary (JSON-serialisable). Its wall-clock fields (``seconds``,
+            ``img_per_s``) go to ``timing.json``, outside the hash, so that the same training gives the
+            same model hash on a busy machine and an idle one.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -439,7 +468,9 @@ def save_model_dir(
     )
     _atomic_write(out / CONFIG, json_bytes(cfg.model_dump(mode="json")))
     _atomic_write(out / META, json_bytes(meta))
-    _atomic_write(out / METRICS, json_bytes(metrics))
+    kept, timing = split_wall_clock(metrics)
+    _atomic_write(out / METRICS, json_bytes(kept))
+    _atomic_write(out / TIMING, json_bytes(timing))
     _atomic_write(out / VERSIONS, json_bytes(package_versions()))
     finalize(out)
 
@@ -554,6 +585,7 @@ __all__ = [
     "META",
     "METRICS",
     "SIGNATURE",
+    "TIMING",
     "VERSIONS",
     "WEIGHTS",
     "LoadedModel",
@@ -565,6 +597,7 @@ __all__ = [
     "read_tensors",
     "save_model_dir",
     "sign",
+    "split_wall_clock",
     "store_key",
     "verify_signature",
     "write_json",

@@ -76,7 +76,15 @@ def _save(tmp_path: Path, conditional: bool = False) -> tuple[Path, ConvVAE, Tra
 def test_round_trip_gives_identical_outputs(tmp_path: Path, conditional: bool) -> None:
     out, model, cfg = _save(tmp_path, conditional)
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["config.json", "hash.txt", "meta.json", "metrics.json", "versions.json", WEIGHTS]
+    assert names == [
+        "config.json",
+        "hash.txt",
+        "meta.json",
+        "metrics.json",
+        "timing.json",
+        "versions.json",
+        WEIGHTS,
+    ]
     loaded = load_model(out)
     assert not loaded.model.training
     assert loaded.cfg == cfg
@@ -256,6 +264,26 @@ def test_the_same_weights_give_the_same_hash(tmp_path: Path) -> None:
     meta = json.loads(header)["__metadata__"]
     assert list(meta) == sorted(meta) and len(meta) >= 2
     assert read_tensors(tmp_path / "m0", WEIGHTS).keys() == model.state_dict().keys()
+
+
+def test_a_rerun_on_a_busier_machine_gives_the_same_hash(tmp_path: Path) -> None:
+    """The same weights trained at another speed: the wall clock goes to timing.json, outside the hash."""
+    cfg = _cfg()
+    model = _trained_like(cfg)
+    hashes = []
+    for i, secs in enumerate((0.41, 0.93)):
+        history = [{"epoch": 0, "loss": 1.5, "seconds": secs, "img_per_s": 64 / secs}]
+        metrics = {"history": history, "best": history[0], "best_epoch": 0}
+        out = tmp_path / f"m{i}"
+        save_model_dir(out, model, cfg, label_names=["A"], dataset={"store": "s"}, metrics=metrics)
+        hashes.append(model_hash(out, verify=True))
+        assert json.loads((out / "metrics.json").read_text())["history"] == [{"epoch": 0, "loss": 1.5}]
+        timing = json.loads((out / "timing.json").read_text())
+        assert timing["history"][0] == {"seconds": secs, "img_per_s": 64 / secs}
+        assert timing["best"]["seconds"] == secs
+    assert hashes[0] == hashes[1]
+    (tmp_path / "m1" / "timing.json").write_text("{}")  # a run record, not model content
+    assert model_hash(tmp_path / "m1", verify=True) == hashes[0]
 
 
 def test_signed_model_verifies_under_its_store_key_only(tmp_path: Path) -> None:
