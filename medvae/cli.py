@@ -450,6 +450,8 @@ def screen(
         for r in res.records:
             if r.status != "scored":
                 note(f"rejected {r.file}: {r.reason}")
+        for warning in res.warnings if res.records else ():  # no files at all is the error below
+            note(f"warning: {warning}")
         say(f"scored {res.scored}, flagged {res.flagged}, rejected {res.rejected}")
         if not res.records:
             _fail(f"no files found in {', '.join(map(str, sources))}", FileNotFoundError(str(sources)))

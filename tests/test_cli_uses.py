@@ -363,12 +363,17 @@ def test_recalibration_on_local_normals_sets_the_promised_rate_there(
         local.mkdir(exist_ok=True)
         Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(local / f"IM-{900 + i}-0001.png")
     before = (model / "hash.txt").read_text().split()[0]
+    first = runner.invoke(
+        app, ["screen", str(local), "--model", str(model), "--out", str(tmp_path / "0.csv")]
+    )
+    assert first.exit_code == 0 and "set on normals of the training cohort" in first.output
     res = runner.invoke(app, ["recalibrate", str(local), "--model", str(model), "--fpr", "0.1"])
     assert res.exit_code == 0, res.output
     assert "recalibrated on 60 normal scans" in res.output and "95 % interval" in res.output
     assert (model / "hash.txt").read_text().split()[0] != before
     out = tmp_path / "s.csv"
-    assert runner.invoke(app, ["screen", str(local), "--model", str(model), "--out", str(out)]).exit_code == 0
+    after = runner.invoke(app, ["screen", str(local), "--model", str(model), "--out", str(out)])
+    assert after.exit_code == 0 and "training cohort" not in after.output  # now set on this site's normals
     flags = [int(r["flag"]) for r in csv.DictReader(out.open())]
     assert len(flags) == 60 and sum(flags) <= 6  # at most 10 % of the calibration normals lie above
     assert _one_line_error(

@@ -33,6 +33,8 @@ class Calibration:
             can flag by another score than the primary one (see :meth:`for_score`).
         mean_image: the mean of the training images, float64 (H, W) in [0, 1]: the neutral fill of the
             occlusion heat maps and the reference of their lung mask (empty for old calibrations).
+        local: whether the thresholds were set on a site's own normals (:func:`recalibrate`) rather than
+            on held-out normals of the training cohort.
     """
 
     score: str
@@ -45,6 +47,7 @@ class Calibration:
     default_label: int | None = None
     by_score: dict[str, np.ndarray] = field(default_factory=dict)
     mean_image: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+    local: bool = False
 
     def for_score(self, name: str) -> Calibration:
         """This calibration with ``name`` as the flagging score (same normals, same target FPR).
@@ -79,6 +82,7 @@ class Calibration:
             "latent_dim": int(self.stats.mean.shape[0]),
             "shrinkage": float(self.stats.shrinkage),
             "n_train": int(self.stats.n_images),
+            "cohort": "local" if self.local else "training",
         }
 
         def t(a: np.ndarray) -> torch.Tensor:
@@ -136,6 +140,8 @@ class Calibration:
             default_label=None if default is None else int(default),
             by_score={k: v for k, v in by_score.items() if k in SCORES},
             mean_image=a("mean_image") if "mean_image" in tensors else np.zeros((0, 0)),
+            # Older files say only how many local normals a recalibration used.
+            local=meta.get("cohort") == "local" or "recalibrated_on" in meta,
         )
 
 
@@ -336,6 +342,23 @@ def calibration_warnings(cal: Calibration) -> list[str]:
     ]
 
 
+def cohort_warnings(cal: Calibration) -> list[str]:
+    """What screening with a threshold from the training cohort must say: its rate may not hold here.
+
+    ``medvae evaluate`` measured it: on Kermany a new acquisition batch's normals were flagged at 11 %
+    against a 5 % target, and nothing tried short of the site's own normals held the rate
+    (docs/quality.md). Once recalibrated on local normals there is nothing to say.
+    """
+    if cal.local:
+        return []
+    return [
+        f"the threshold was set on normals of the training cohort; on another site's or scanner's normals "
+        f"its false-positive rate can be twice the {cal.fpr:.0%} it promises (11 % against 5 % for a new "
+        "batch in medvae evaluate): recalibrate on a few hundred local normal scans first "
+        "(medvae recalibrate NORMALS --model MODEL_DIR)"
+    ]
+
+
 def load_calibration(model_dir: Path) -> Calibration:
     """The calibration stored in a model directory (``calibration.json`` + ``.safetensors``)."""
     from medvae.vae.artifacts import read_json, read_tensors
@@ -388,4 +411,5 @@ def recalibrate(
         normal_scores=normal,
         n_val=len(normal),
         by_score=by_score,
+        local=True,
     )

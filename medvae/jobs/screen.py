@@ -12,7 +12,7 @@ import io
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -195,13 +195,16 @@ def screen_job(
 
     Files that cannot be read are listed with their reason; they never stop the batch.
     """
+    from medvae.anomaly.calibration import calibration_warnings, cohort_warnings
     from medvae.data.walk import iter_files
 
     screener = Screener.load(model_dir, cfg)
     files = [(str(p), err) for p, err in iter_files(list(sources))]
     records, batch = screen_files(screener, files)
     maps = screener.heatmaps(batch) if heatmaps_dir is not None and len(batch) else None
-    return write_outputs(records, out_csv, heatmaps_dir, batch, maps)
+    res = write_outputs(records, out_csv, heatmaps_dir, batch, maps)
+    cal = screener.calibration
+    return replace(res, warnings=res.warnings + tuple(cohort_warnings(cal) + calibration_warnings(cal)))
 
 
 # ------------------------------------------------------------------- batches on a task runner

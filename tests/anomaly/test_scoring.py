@@ -15,7 +15,9 @@ from safetensors.torch import save as st_save
 from medvae.anomaly.calibration import (
     Calibration,
     calibrate,
+    cohort_warnings,
     percentile_among_normals,
+    recalibrate,
     screen,
     threshold_at_fpr,
 )
@@ -186,6 +188,24 @@ def test_calibration_round_trips_through_json_and_safetensors() -> None:
     assert cal.normal_scores.max() > 0
     with pytest.raises(ValueError):
         Calibration.from_files({**meta2, "format": "other"}, tensors2)
+
+
+def test_only_a_recalibrated_threshold_goes_without_the_cohort_warning() -> None:
+    """A threshold from the training cohort's normals says it may not hold elsewhere; one set on local
+    normals does not, and which it is survives the files (older files: ``recalibrated_on``)."""
+    model = _model()
+    cal = calibrate(model, _images(20, seed=1), _images(15, seed=2), fpr=0.05)
+    (warning,) = cohort_warnings(cal)
+    assert "training cohort" in warning and "medvae recalibrate" in warning and "5%" in warning
+    local = recalibrate(model, cal, _images(12, seed=3))
+    assert local.local and not cal.local and cohort_warnings(local) == []
+    for c, expect in ((cal, False), (local, True)):
+        meta, tensors = c.to_files()
+        assert Calibration.from_files(json.loads(json.dumps(meta)), tensors).local is expect
+    meta, tensors = cal.to_files()
+    del meta["cohort"]
+    assert not Calibration.from_files(meta, tensors).local
+    assert Calibration.from_files({**meta, "recalibrated_on": 12}, tensors).local
 
 
 def test_conditional_model_needs_labels_or_default() -> None:
