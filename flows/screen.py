@@ -13,7 +13,13 @@ import flows  # noqa: F401  (medvae's Prefect defaults)
 from flows.runners import task_runner
 from medvae.config import RunnerConfig, ScreenConfig
 from medvae.data.staging import staging_uri
-from medvae.jobs.screen import merge_screen, prepare_screen_batches, screen_batch, screen_job
+from medvae.jobs.screen import (
+    merge_screen,
+    model_threshold_warnings,
+    prepare_screen_batches,
+    screen_batch,
+    screen_job,
+)
 
 
 def _path(p: str | None) -> Path | None:
@@ -105,5 +111,7 @@ def screen_flow(
         table=[{"metric": k, "value": v} for k, v in res.items()],
         description=f"medvae screening; per-scan scores in {out_csv}",
     )
+    for warning in model_threshold_warnings(Path(model_dir), cfg):
+        print(f"warning: {warning}")
     print(f"scored {res['scored']}, flagged {res['flagged']}, rejected {res['rejected']}")
     return res

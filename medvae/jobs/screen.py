@@ -195,7 +195,6 @@ def screen_job(
 
     Files that cannot be read are listed with their reason; they never stop the batch.
     """
-    from medvae.anomaly.calibration import calibration_warnings, cohort_warnings
     from medvae.data.walk import iter_files
 
     screener = Screener.load(model_dir, cfg)
@@ -203,8 +202,23 @@ def screen_job(
     records, batch = screen_files(screener, files)
     maps = screener.heatmaps(batch) if heatmaps_dir is not None and len(batch) else None
     res = write_outputs(records, out_csv, heatmaps_dir, batch, maps)
-    cal = screener.calibration
-    return replace(res, warnings=res.warnings + tuple(cohort_warnings(cal) + calibration_warnings(cal)))
+    return replace(res, warnings=res.warnings + threshold_warnings(screener.calibration))
+
+
+def threshold_warnings(cal: Any) -> tuple[str, ...]:
+    """What an operator must know about the threshold a screening flags by (see
+    :func:`medvae.anomaly.calibration.cohort_warnings` and ``calibration_warnings``)."""
+    from medvae.anomaly.calibration import calibration_warnings, cohort_warnings
+
+    return tuple(cohort_warnings(cal) + calibration_warnings(cal))
+
+
+def model_threshold_warnings(model_dir: Path, cfg: ScreenConfig | None = None) -> tuple[str, ...]:
+    """:func:`threshold_warnings` of a model directory's calibration for ``cfg.score`` (the batched
+    screening flow, whose merged result does not load the model)."""
+    from medvae.anomaly.calibration import load_calibration
+
+    return threshold_warnings(load_calibration(model_dir).for_score((cfg or ScreenConfig()).score))
 
 
 # ------------------------------------------------------------------- batches on a task runner

@@ -71,7 +71,12 @@ def test_dask_and_thread_runners_ingest_exactly_the_default_store(
 
 
 def test_dask_screen_writes_the_default_csv_and_heatmaps(
-    prefect_harness: None, dask_address: str, sample_dir: Path, shared_data: Path, tmp_path: Path
+    prefect_harness: None,
+    dask_address: str,
+    sample_dir: Path,
+    shared_data: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     from flows.ingest import ingest_flow
     from flows.screen import screen_flow
@@ -95,6 +100,9 @@ def test_dask_screen_writes_the_default_csv_and_heatmaps(
     runner = {"kind": "dask", "address": dask_address, "batch_files": 16}
     b = screen_flow(str(model), sources, str(tmp_path / "b.csv"), str(tmp_path / "heat_b"), runner)
     assert a == b and a["scored"] > 40 and a["rejected"] >= 5
+    # Both paths say that the (training cohort's) threshold may not hold on these new scans.
+    printed = capsys.readouterr()
+    assert (printed.out + printed.err).count("set on normals of the training cohort") >= 2
     rows_a, rows_b = _csv(tmp_path / "a.csv"), _csv(tmp_path / "b.csv")
     # file, status, heat-map name, flag and reason are identical.
     assert [r[:3] + r[5:6] + r[-1:] for r in rows_a] == [r[:3] + r[5:6] + r[-1:] for r in rows_b]

@@ -95,7 +95,7 @@ def test_trained_models_are_signed_and_a_tampered_one_is_refused(tmp_path: Path)
 
     from medvae.config import AugmentConfig
     from medvae.jobs.augment import generate_synthetic
-    from medvae.jobs.screen import recalibrate_job
+    from medvae.jobs.screen import model_threshold_warnings, recalibrate_job
     from medvae.vae.artifacts import SIGNATURE, finalize, load_model
 
     _scans(tmp_path / "src")
@@ -123,9 +123,11 @@ def test_trained_models_are_signed_and_a_tampered_one_is_refused(tmp_path: Path)
         generate_synthetic(tampered, store.uri, AugmentConfig(count=2))
 
     # Recalibration changes the thresholds legitimately: the stale signature is removed and said so.
+    assert any("training cohort" in w for w in model_threshold_warnings(model))
     res = recalibrate_job(model, [tmp_path / "src"])
     assert not (model / SIGNATURE).exists()
     assert any("no longer signed" in w for w in res.warnings)
+    assert not any("training cohort" in w for w in model_threshold_warnings(model))  # set on local normals
     assert load_model(model, key=store.key()).signature == "unsigned"
 
 
