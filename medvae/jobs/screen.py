@@ -39,12 +39,10 @@ class Screener:
 
         With ``key`` (the training store's), a signed directory must also match its signature.
         """
-        from medvae.anomaly.calibration import load_calibration
         from medvae.vae.artifacts import load_model
 
         loaded = load_model(model_dir, key=key)
-        cal = load_calibration(model_dir).for_score((cfg or ScreenConfig()).score)
-        return cls(loaded, cal, screen_settings(loaded.meta))
+        return cls(loaded, _screen_calibration(model_dir, cfg), screen_settings(loaded.meta))
 
     def _labels(self, n: int) -> np.ndarray | None:
         # New scans have no trusted label: a conditional model scores them against the normal (first) class.
@@ -216,9 +214,14 @@ def threshold_warnings(cal: Any) -> tuple[str, ...]:
 def model_threshold_warnings(model_dir: Path, cfg: ScreenConfig | None = None) -> tuple[str, ...]:
     """:func:`threshold_warnings` of a model directory's calibration for ``cfg.score`` (the batched
     screening flow, whose merged result does not load the model)."""
+    return threshold_warnings(_screen_calibration(model_dir, cfg))
+
+
+def _screen_calibration(model_dir: Path, cfg: ScreenConfig | None) -> Any:
+    """The model directory's calibration for the score that flags (``cfg.score``)."""
     from medvae.anomaly.calibration import load_calibration
 
-    return threshold_warnings(load_calibration(model_dir).for_score((cfg or ScreenConfig()).score))
+    return load_calibration(model_dir).for_score((cfg or ScreenConfig()).score)
 
 
 # ------------------------------------------------------------------- batches on a task runner
