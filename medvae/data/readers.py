@@ -46,6 +46,7 @@ luminance of the values scaled by their maximum, without further windowing.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import replace
 from io import BytesIO
@@ -204,13 +205,33 @@ def decode_bytes(
     elif fmt in ("png", "jpeg"):
         images = [_decode_raster(data, fmt, cfg)]
     else:
-        # The bytes themselves stay out of the reason: through a followed symlink they were a password
-        # file and a store key.
-        raise RejectedInput(
-            "not a DICOM, PNG or JPEG file (no DICM marker at offset 128, no PNG signature, no JPEG "
-            "start-of-image, and no .dcm extension)"
-        )
+        raise RejectedInput(_unsupported_reason(data, name))
     return screen_burned_in_text(images, cfg) if screen_text else images
+
+
+_NIFTI_NAME = re.compile(r"\.nii(\.gz)?$", re.IGNORECASE)
+
+
+def _unsupported_reason(data: bytes, name: str) -> str:
+    """Why a file of no supported format is rejected, naming the formats users most often point at it.
+
+    A research MRI or CT folder holds NIfTI volumes and gzipped files; "not a DICOM" alone leaves the
+    user guessing what to convert. The bytes themselves stay out of the reason: through a followed
+    symlink they were a password file and a store key.
+    """
+    nifti1 = len(data) >= 348 and data[344:347] in (b"n+1", b"ni1")
+    nifti2 = len(data) >= 540 and data[4:7] in (b"n+2", b"ni2")
+    if nifti1 or nifti2 or (data[:2] == b"\x1f\x8b" and _NIFTI_NAME.search(name)):
+        return (
+            "a NIfTI volume, not a DICOM, PNG or JPEG file: medvae ingests 2-D scans; export the slices "
+            "as DICOM or PNG first"
+        )
+    if data[:2] == b"\x1f\x8b":
+        return "a gzip-compressed file, not a DICOM, PNG or JPEG file: decompress it first"
+    return (
+        "not a DICOM, PNG or JPEG file (no DICM marker at offset 128, no PNG signature, no JPEG "
+        "start-of-image, and no .dcm extension)"
+    )
 
 
 # --------------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import csv
+import gzip
 import io
 import json
 import pickle
@@ -243,6 +244,31 @@ def test_bad_bytes_are_rejected_with_reason(data: bytes, name: str, reason: str)
         decode_bytes(data, name, CFG)
     assert reason in str(exc.value)
     assert exc.value.reason == str(exc.value)
+
+
+def _nifti1_header() -> bytes:
+    # A NIfTI-1 single-file header: sizeof_hdr 348 at offset 0, magic "n+1\\0" at 344, data from 352.
+    head = bytearray(352)
+    head[0:4] = (348).to_bytes(4, "little")
+    head[344:348] = b"n+1\x00"
+    return bytes(head) + bytes(64)
+
+
+@pytest.mark.parametrize(
+    ("data", "name", "reason"),
+    [
+        (_nifti1_header(), "brain.nii", "a NIfTI volume"),
+        (gzip.compress(_nifti1_header()), "brain.nii.gz", "a NIfTI volume"),
+        (gzip.compress(b"hello"), "notes.txt.gz", "a gzip-compressed file"),
+    ],
+    ids=["nifti", "nifti-gz", "gzip"],
+)
+def test_volumes_and_archives_are_rejected_saying_what_they_are(data: bytes, name: str, reason: str) -> None:
+    # An MRI research folder is NIfTI and gzip; the reason says what the file is and what to do with it.
+    with pytest.raises(RejectedInput) as exc:
+        decode_bytes(data, name, CFG)
+    assert str(exc.value).startswith(reason)
+    assert "first" in str(exc.value)
 
 
 def test_truncated_png_and_jpeg_are_rejected() -> None:
