@@ -111,7 +111,7 @@ def screen_flow(
         table=[{"metric": k, "value": v} for k, v in res.items()],
         description=f"medvae screening; per-scan scores in {out_csv}",
     )
-    for warning in model_threshold_warnings(Path(model_dir), cfg):
+    for warning in model_threshold_warnings(Path(model_dir), cfg, res):
         print(f"warning: {warning}")
     print(f"scored {res['scored']}, flagged {res['flagged']}, rejected {res['rejected']}")
     return res

@@ -359,6 +359,59 @@ def cohort_warnings(cal: Calibration) -> list[str]:
     ]
 
 
+# Half a batch above the threshold cannot be the normals' false positives at any sensible target rate, and
+# below 20 scans a share says little. Driving the CLI, a paediatric Kermany model flagged 216 of 216 adult
+# NIH chest X-rays (AUROC 0.54 there): a screen that says only "flagged 216" hides that it is blind.
+UNLIKE_SHARE = 0.5
+MIN_SHARE_SCANS = 20
+
+
+def flagged_share_warnings(scored: int, flagged: int, fpr: float) -> list[str]:
+    """What a screening run must say when it flags most of its batch.
+
+    Args:
+        scored: scans scored in the run.
+        flagged: of those, how many scored above the threshold.
+        fpr: the false-positive rate the threshold promises on normals.
+
+    Returns:
+        One warning when at least :data:`MIN_SHARE_SCANS` scans were scored and at least
+        :data:`UNLIKE_SHARE` of them flagged; otherwise none.
+    """
+    if scored < MIN_SHARE_SCANS or flagged < UNLIKE_SHARE * scored:
+        return []
+    return [
+        f"flagged {flagged} of {scored} scans ({flagged / scored:.0%}), against the {fpr:.0%} of normals the "
+        "threshold promises: either the batch is mostly abnormal, or its scans are unlike the training "
+        "cohort (another age group, view, scanner or modality), and the score cannot tell the two apart; "
+        "check the model on labelled local scans (medvae evaluate) before relying on its flags"
+    ]
+
+
+def site_shift_warnings(flagged_before: float, n: int) -> list[str]:
+    """What recalibrating must say when the old threshold flagged most of the site's own normals.
+
+    A new threshold then holds the false-positive rate, but only by moving far above the training
+    cohort's, and nothing measures how many abnormal scans still pass it.
+
+    Args:
+        flagged_before: the share of the local normals above the threshold they replace.
+        n: how many local normals there were.
+
+    Returns:
+        One warning when at least :data:`MIN_SHARE_SCANS` normals were used and at least
+        :data:`UNLIKE_SHARE` of them had been flagged; otherwise none.
+    """
+    if n < MIN_SHARE_SCANS or flagged_before < UNLIKE_SHARE:
+        return []
+    return [
+        f"the old threshold flagged {flagged_before:.0%} of these normal scans: this site's scans are unlike "
+        "the training cohort (another age group, view, scanner or modality). The new threshold holds the "
+        "false-positive rate, but how many abnormal scans it still flags here is unmeasured: check the "
+        "model on labelled local scans (medvae evaluate) before relying on its flags"
+    ]
+
+
 def load_calibration(model_dir: Path) -> Calibration:
     """The calibration stored in a model directory (``calibration.json`` + ``.safetensors``)."""
     from medvae.vae.artifacts import read_json, read_tensors

@@ -189,6 +189,8 @@ class RecalibrationResult(Result):
         fpr: the target false-positive rate.
         fpr_interval: the 95 % Clopper-Pearson interval of the rate such a threshold can promise.
         model_hash: the model directory's new hash (its calibration changed).
+        flagged_before: the share of the local normals that the replaced threshold flagged: how far this
+            site is from the training cohort, as the old threshold saw it.
         warnings: e.g. too few normals.
     """
 
@@ -198,6 +200,7 @@ class RecalibrationResult(Result):
     fpr: float
     fpr_interval: tuple[float, float]
     model_hash: str
+    flagged_before: float = 0.0
     warnings: tuple[str, ...] = ()
 
     @property

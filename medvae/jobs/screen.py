@@ -11,7 +11,7 @@ import hashlib
 import io
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -200,21 +200,26 @@ def screen_job(
     records, batch = screen_files(screener, files)
     maps = screener.heatmaps(batch) if heatmaps_dir is not None and len(batch) else None
     res = write_outputs(records, out_csv, heatmaps_dir, batch, maps)
-    return replace(res, warnings=res.warnings + threshold_warnings(screener.calibration))
+    return replace(res, warnings=res.warnings + threshold_warnings(screener.calibration, res.counts()))
 
 
-def threshold_warnings(cal: Any) -> tuple[str, ...]:
-    """What an operator must know about the threshold a screening flags by (see
-    :func:`medvae.anomaly.calibration.cohort_warnings` and ``calibration_warnings``)."""
-    from medvae.anomaly.calibration import calibration_warnings, cohort_warnings
+def threshold_warnings(cal: Any, counts: Mapping[str, int] | None = None) -> tuple[str, ...]:
+    """What an operator must know about the threshold a screening flags by, and, given the run's
+    ``counts`` (``scored``, ``flagged``), about a run that flagged most of its batch (see
+    :func:`medvae.anomaly.calibration.cohort_warnings`, ``calibration_warnings`` and
+    ``flagged_share_warnings``)."""
+    from medvae.anomaly.calibration import calibration_warnings, cohort_warnings, flagged_share_warnings
 
-    return tuple(cohort_warnings(cal) + calibration_warnings(cal))
+    share = [] if counts is None else flagged_share_warnings(counts["scored"], counts["flagged"], cal.fpr)
+    return tuple(cohort_warnings(cal) + calibration_warnings(cal) + share)
 
 
-def model_threshold_warnings(model_dir: Path, cfg: ScreenConfig | None = None) -> tuple[str, ...]:
+def model_threshold_warnings(
+    model_dir: Path, cfg: ScreenConfig | None = None, counts: Mapping[str, int] | None = None
+) -> tuple[str, ...]:
     """:func:`threshold_warnings` of a model directory's calibration for ``cfg.score`` (the batched
     screening flow, whose merged result does not load the model)."""
-    return threshold_warnings(_screen_calibration(model_dir, cfg))
+    return threshold_warnings(_screen_calibration(model_dir, cfg), counts)
 
 
 def _screen_calibration(model_dir: Path, cfg: ScreenConfig | None) -> Any:
@@ -309,7 +314,13 @@ def recalibrate_job(
     The scans are prepared like the model's training images; files that cannot be read are listed and
     left out. The latent reference the scores are measured against is unchanged.
     """
-    from medvae.anomaly.calibration import calibration_warnings, fpr_interval, load_calibration, recalibrate
+    from medvae.anomaly.calibration import (
+        calibration_warnings,
+        fpr_interval,
+        load_calibration,
+        recalibrate,
+        site_shift_warnings,
+    )
     from medvae.data.walk import iter_files
     from medvae.vae.artifacts import SIGNATURE, model_hash, write_json, write_tensors
 
@@ -317,6 +328,8 @@ def recalibrate_job(
     records, batch = screen_files(screener, [(str(p), err) for p, err in iter_files(list(sources))])
     before = load_calibration(model_dir)
     cal = recalibrate(screener.loaded.model, before, batch, fpr=fpr)
+    # The same scans, score and old threshold as a screen before recalibrating: the share it flagged.
+    flagged_before = float(np.mean(cal.normal_scores > before.threshold))
     meta, tensors = cal.to_files()
     write_tensors(model_dir, "calibration.safetensors", tensors)
     write_json(model_dir, "calibration.json", {**meta, "recalibrated_on": len(batch)})
@@ -332,5 +345,7 @@ def recalibrate_job(
         fpr=cal.fpr,
         fpr_interval=fpr_interval(cal.n_val, cal.fpr),
         model_hash=model_hash(model_dir),
-        warnings=tuple(calibration_warnings(cal)) + tuple(unsigned if signed else ()),
+        flagged_before=flagged_before,
+        warnings=tuple(calibration_warnings(cal) + site_shift_warnings(flagged_before, len(batch)))
+        + tuple(unsigned if signed else ()),
     )

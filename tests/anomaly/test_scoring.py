@@ -16,9 +16,11 @@ from medvae.anomaly.calibration import (
     Calibration,
     calibrate,
     cohort_warnings,
+    flagged_share_warnings,
     percentile_among_normals,
     recalibrate,
     screen,
+    site_shift_warnings,
     threshold_at_fpr,
 )
 from medvae.anomaly.heatmaps import occlusion_maps, reconstruction_error_maps, save_heatmap_pngs
@@ -206,6 +208,30 @@ def test_only_a_recalibrated_threshold_goes_without_the_cohort_warning() -> None
     del meta["cohort"]
     assert not Calibration.from_files(meta, tensors).local
     assert Calibration.from_files({**meta, "recalibrated_on": 12}, tensors).local
+
+
+@pytest.mark.parametrize(
+    ("scored", "flagged", "warns"),
+    [(216, 216, True), (20, 10, True), (20, 9, False), (19, 19, False), (200, 2, False)],
+    ids=["all-flagged", "half-of-20", "under-half", "too-few-scans", "a-normal-batch"],
+)
+def test_a_screen_that_flags_most_of_its_batch_says_it_may_be_blind(
+    scored: int, flagged: int, warns: bool
+) -> None:
+    """Half a batch flagged cannot be false positives at a 5 % rate: the run says it may be another cohort."""
+    out = flagged_share_warnings(scored, flagged, 0.05)
+    assert bool(out) is warns
+    if warns:
+        assert f"flagged {flagged} of {scored} scans" in out[0] and "5%" in out[0]
+        assert "medvae evaluate" in out[0]
+
+
+def test_recalibrating_on_normals_the_old_threshold_mostly_flagged_says_sensitivity_is_unmeasured() -> None:
+    (warning,) = site_shift_warnings(1.0, 300)
+    assert "flagged 100% of these normal scans" in warning and "unmeasured" in warning
+    assert site_shift_warnings(0.11, 300) == []  # Kermany's new batch: a milder shift, nothing to add
+    assert site_shift_warnings(0.9, 19) == []  # too few normals for a share to mean much
+    assert site_shift_warnings(0.5, 20) != []
 
 
 def test_conditional_model_needs_labels_or_default() -> None:

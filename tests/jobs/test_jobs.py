@@ -70,6 +70,23 @@ def test_screen_prepares_new_scans_exactly_like_the_training_store(
     assert not np.allclose([plain_scores[p.name] for p in paths], expected, rtol=1e-3)
 
 
+def test_a_screen_of_unlike_scans_says_so_and_one_of_the_cohort_does_not(
+    trained: tuple[Path, Store, list[Path]], tmp_path: Path
+) -> None:
+    """A batch unlike the training scans (here: noise) is flagged wholesale, and the run says it may be
+    blind there; the training scans themselves are flagged at about the promised rate, without it."""
+    model, _, paths = trained
+    rng = np.random.default_rng(5)
+    for i in range(24):
+        noise = rng.integers(0, 256, (96, 80), dtype=np.uint8)
+        Image.fromarray(noise).save(tmp_path / f"IM-{500 + i:04d}-0001.png")
+    unlike = screen_job(model, [tmp_path])
+    assert unlike.scored == 24 and unlike.flagged >= 12
+    assert any(f"flagged {unlike.flagged} of 24 scans" in w for w in unlike.warnings)
+    cohort = screen_job(model, [paths[0].parent.parent])
+    assert cohort.flagged < 12 and not any("of 24 scans" in w for w in cohort.warnings)
+
+
 def test_screen_rejects_a_fifo_and_an_oversized_file_without_reading_them(
     trained: tuple[Path, Store, list[Path]], tmp_path: Path
 ) -> None:
