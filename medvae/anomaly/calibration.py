@@ -360,8 +360,8 @@ def cohort_warnings(cal: Calibration) -> list[str]:
 
 
 # Half a batch above the threshold cannot be the normals' false positives at any sensible target rate, and
-# below 20 scans a share says little. Driving the CLI, a paediatric Kermany model flagged 216 of 216 adult
-# NIH chest X-rays (AUROC 0.54 there): a screen that says only "flagged 216" hides that it is blind.
+# below 20 scans a share says little. Driving the CLI, a paediatric Kermany model flagged all 200 adult
+# NIH chest X-rays (AUROC 0.54 there): a screen that says only "flagged 200" hides that it is blind.
 UNLIKE_SHARE = 0.5
 MIN_SHARE_SCANS = 20
 
