@@ -366,6 +366,11 @@ UNLIKE_SHARE = 0.5
 MIN_SHARE_SCANS = 20
 
 
+def _mostly_flagged(share: float, n: int) -> bool:
+    """Whether ``share`` of ``n`` scans above a threshold is too many to be its normals' false positives."""
+    return n >= MIN_SHARE_SCANS and share >= UNLIKE_SHARE
+
+
 def flagged_share_warnings(scored: int, flagged: int, fpr: float) -> list[str]:
     """What a screening run must say when it flags most of its batch.
 
@@ -378,7 +383,7 @@ def flagged_share_warnings(scored: int, flagged: int, fpr: float) -> list[str]:
         One warning when at least :data:`MIN_SHARE_SCANS` scans were scored and at least
         :data:`UNLIKE_SHARE` of them flagged; otherwise none.
     """
-    if scored < MIN_SHARE_SCANS or flagged < UNLIKE_SHARE * scored:
+    if not _mostly_flagged(flagged / max(scored, 1), scored):
         return []
     return [
         f"flagged {flagged} of {scored} scans ({flagged / scored:.0%}), against the {fpr:.0%} of normals the "
@@ -402,7 +407,7 @@ def site_shift_warnings(flagged_before: float, n: int) -> list[str]:
         One warning when at least :data:`MIN_SHARE_SCANS` normals were used and at least
         :data:`UNLIKE_SHARE` of them had been flagged; otherwise none.
     """
-    if n < MIN_SHARE_SCANS or flagged_before < UNLIKE_SHARE:
+    if not _mostly_flagged(flagged_before, n):
         return []
     return [
         f"the old threshold flagged {flagged_before:.0%} of these normal scans: this site's scans are unlike "

@@ -221,12 +221,13 @@ def _unsupported_reason(data: bytes, name: str) -> str:
     """
     nifti1 = len(data) >= 348 and data[344:347] in (b"n+1", b"ni1")
     nifti2 = len(data) >= 540 and data[4:7] in (b"n+2", b"ni2")
-    if nifti1 or nifti2 or (data[:2] == b"\x1f\x8b" and _NIFTI_NAME.search(name)):
+    gzipped = data[:2] == b"\x1f\x8b"
+    if nifti1 or nifti2 or (gzipped and _NIFTI_NAME.search(name)):
         return (
             "a NIfTI volume, not a DICOM, PNG or JPEG file: medvae ingests 2-D scans; export the slices "
             "as DICOM or PNG first"
         )
-    if data[:2] == b"\x1f\x8b":
+    if gzipped:
         return "a gzip-compressed file, not a DICOM, PNG or JPEG file: decompress it first"
     return (
         "not a DICOM, PNG or JPEG file (no DICM marker at offset 128, no PNG signature, no JPEG "

@@ -415,7 +415,8 @@ def split_wall_clock(obj: Any) -> tuple[Any, Any]:
                 timing[k] = v
                 continue
             kept[k], t = split_wall_clock(v)
-            if any(t) if isinstance(t, list) else t:
+            # None: a leaf; {} or a list of {}: a branch without timing. Neither is worth a key.
+            if t and (not isinstance(t, list) or any(t)):
                 timing[k] = t
         return kept, timing
     if isinstance(obj, list):
