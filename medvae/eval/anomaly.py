@@ -17,6 +17,7 @@ import torch
 
 from medvae.config import EvaluateConfig, TrainConfig
 from medvae.eval.cohort import CohortCheck
+from medvae.eval.confounds import SharpnessCheck, check_sharpness
 from medvae.eval.data import EvalData, ShiftSplit
 from medvae.eval.localisation import LocalisationCheck
 from medvae.eval.metrics import binary_metrics, bootstrap_auroc, confusion, proportion, summarise
@@ -52,6 +53,8 @@ class AnomalyRun:
         cohort: on the shift-aware split, the threshold on the unseen cohort's normals.
         localisation: the heat maps' lung share (the first seed of each split only).
         heat: the localisation sample's test rows (into :attr:`test_index`) and their maps, for the figure.
+        sharpness: the primary score's AUROC once the test images' sharpness is matched, and the sharpness
+            alone as a detector (:mod:`medvae.eval.confounds`).
     """
 
     seed: int
@@ -71,6 +74,7 @@ class AnomalyRun:
     cohort: CohortCheck | None = None
     localisation: LocalisationCheck | None = None
     heat: tuple[np.ndarray, np.ndarray] | None = None
+    sharpness: SharpnessCheck | None = None
 
     @property
     def flagged(self) -> np.ndarray:
@@ -101,6 +105,7 @@ class AnomalyRun:
             "split": self.split_name,
             **({"cohort": self.cohort.metrics()} if self.cohort else {}),
             **({"localisation": self.localisation.metrics()} if self.localisation else {}),
+            **({"sharpness": self.sharpness.metrics()} if self.sharpness else {}),
         }
 
 
@@ -222,6 +227,7 @@ def run_anomaly_seed(
         cohort=cohort,
         localisation=local,
         heat=heat,
+        sharpness=check_sharpness(y, scores[cfg.primary_score], x[sp.test]),
     )
 
 
@@ -263,6 +269,9 @@ def summarise_anomaly(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
         "val_fpr": summarise([r["val_fpr"] for r in per_seed]),
         "test_fpr": summarise([r["test_fpr"]["value"] for r in per_seed]),
         "target_fpr": per_seed[0]["test_fpr"]["target"],
+        "sharpness_matched_auroc": summarise([r.get("sharpness", {}).get("matched_auroc") for r in per_seed]),
+        "sharpness_alone_auroc": summarise([r.get("sharpness", {}).get("alone_auroc") for r in per_seed]),
+        "sharpness_strata": per_seed[0].get("sharpness", {}).get("strata"),
         "ssim": summarise([r["fidelity"]["ssim"] for r in per_seed]),
         "psnr": summarise([r["fidelity"]["psnr"] for r in per_seed]),
     }

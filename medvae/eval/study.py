@@ -422,6 +422,7 @@ def _shift_lines(metrics: dict[str, Any]) -> list[str]:
                 f"{_pct_msd(co['recalibrated_fpr'])} (mean of {co['draws']} draws a seed; sensitivity "
                 f"{fmt_msd(co['recalibrated_sensitivity'])})"
             )
+    lines += _sharpness_lines(metrics)
     for name, loc in (
         ("patient", metrics["anomaly"].get("localisation")),
         ("shift-aware", metrics.get("shift", {}).get("localisation")),
@@ -433,6 +434,24 @@ def _shift_lines(metrics: dict[str, Any]) -> list[str]:
                 f"{loc['share_normal']:.3f} for normals ({loc['n_abnormal']}+{loc['n_normal']} images)"
             )
     return lines
+
+
+def _sharpness_lines(metrics: dict[str, Any]) -> list[str]:
+    """The primary score among test images of equal sharpness, beside the sharpness alone as a detector."""
+    an = metrics["anomaly"]["summary"]
+    if "sharpness_matched_auroc" not in an:  # a metrics.json written before the check existed
+        return []
+    parts = [("patient split", an)]
+    if "shift" in metrics:
+        parts.append(("shift-aware split", metrics["shift"]["summary"]))
+    return [
+        f"{an['primary_score']} AUROC among test images of equal sharpness: "
+        + " | ".join(
+            f"{name} {fmt_msd(sm['sharpness_matched_auroc'])} (sharpness alone "
+            f"{fmt_msd(sm['sharpness_alone_auroc'])})"
+            for name, sm in parts
+        )
+    ]
 
 
 def summary_lines(metrics: dict[str, Any]) -> list[str]:

@@ -284,3 +284,31 @@ def test_a_shift_split_without_a_held_out_batch_says_the_threshold_was_not_check
     assert "Not checked: this shift-aware split holds out no acquisition batch" in render_report(m, {})
     rows = {t["target"]: t["met"] for t in m["targets"]}
     assert rows["stored threshold on the new cohort's normals: FPR <= 1.4 x target"] is None  # n/a
+
+
+def test_the_sharpness_matched_auroc_sits_beside_each_split(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from medvae.eval.confounds import SharpnessCheck
+
+    ed = _data()
+    ed.shift_note = "held out whole: batch NORMAL2"
+    ed.shift = type("S", (), {"assignment": ed.assignment})()
+    patient = [replace(_run(s, _GOOD), sharpness=SharpnessCheck(0.8, 0.9 + s / 100, 10)) for s in (0, 1)]
+    shift = [replace(_shift_run((90, 744), (22, 444)), sharpness=SharpnessCheck(0.83, 0.88, 10))]
+    run = {"source": "/data", "normal_label": "normal", "device": "cpu"}
+    m = build_metrics(ed, EvaluateConfig(), patient, [], run=run, info={}, shift=shift)
+    m["timing"] = {"total_seconds": 1.0}
+    expected = {"alone_auroc": 0.8, "matched_auroc": 0.91, "strata": 10}
+    assert m["anomaly"]["per_seed"][1]["sharpness"] == expected
+    assert m["anomaly"]["summary"]["sharpness_matched_auroc"]["mean"] == pytest.approx(0.905)
+    assert (
+        "mahalanobis AUROC among test images of equal sharpness: patient split 0.905 ± 0.007 (sharpness "
+        "alone 0.800 ± 0.000) | shift-aware split 0.880 ± 0.000 (sharpness alone 0.830 ± 0.000)"
+    ) in summary_lines(m)
+    html = render_report(m, {})
+    assert "Does the ranking rest on image sharpness?" in html and "(10 quantile" in html
+    assert "0.905 ± 0.007" in html and "0.880 ± 0.000" in html
+    # A metrics.json from before the check has no such figure, and no line for it.
+    del m["anomaly"]["summary"]["sharpness_matched_auroc"]
+    assert not any("equal sharpness" in line for line in summary_lines(m))
