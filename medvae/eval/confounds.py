@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
+from medvae.synth.detail import sharpness_per_image
+
 # Deciles: enough strata that little sharpness difference is left inside one, few enough that each holds
 # both classes. Smaller test sets get fewer, at least MIN_PER_STRATUM images in each.
 STRATA = 10
@@ -32,11 +34,9 @@ def sharpness(images: np.ndarray) -> np.ndarray:
         (N,) float64: 0 for a flat image, 1 for a black-and-white checkerboard.
     """
     x = np.asarray(images)
-    scale = 255.0 if x.dtype == np.uint8 else 1.0
-    x = x.reshape(len(x), x.shape[-2], x.shape[-1]).astype(np.float64) / scale
-    rows = np.abs(np.diff(x, axis=1)).mean(axis=(1, 2))
-    cols = np.abs(np.diff(x, axis=2)).mean(axis=(1, 2))
-    return (rows + cols) / 2.0
+    to_grey = 1.0 if x.dtype == np.uint8 else 255.0  # sharpness_per_image measures on the 0-255 scale
+    grey = x.reshape(len(x), x.shape[-2], x.shape[-1]).astype(np.float64) * to_grey
+    return np.asarray(sharpness_per_image(grey) / 255.0, dtype=np.float64)
 
 
 def strata_for(n: int) -> int:

@@ -26,18 +26,27 @@ DEFAULT_SIGMA = 1.0  # px at 64x64: the scale of the lost structure (a wider blu
 MAX_GAIN = 8.0
 
 
-def sharpness(images: np.ndarray) -> float:
-    """Mean absolute difference between horizontal and vertical neighbours, in grey levels (0-255).
+def sharpness_per_image(images: np.ndarray) -> np.ndarray:
+    """Each image's mean absolute difference between horizontal and vertical neighbours, in grey levels.
 
     Args:
-        images: uint8 or float images (N, H, W) on the 0-255 scale.
+        images: uint8 or float images (..., H, W) on the 0-255 scale (uint8 is measured in float32).
+
+    Returns:
+        One value per image, shape ``images.shape[:-2]``.
     """
-    a = np.asarray(images, dtype=np.float32)
-    if a.size == 0:
+    a = np.asarray(images)
+    a = a.astype(np.float32) if a.dtype == np.uint8 else a
+    dx = np.abs(np.diff(a, axis=-1)).mean(axis=(-2, -1))
+    dy = np.abs(np.diff(a, axis=-2)).mean(axis=(-2, -1))
+    return np.asarray((dx + dy) / 2)
+
+
+def sharpness(images: np.ndarray) -> float:
+    """Mean of :func:`sharpness_per_image` over a batch (N, H, W), in grey levels (0-255)."""
+    if np.asarray(images).size == 0:
         raise ValueError("sharpness of no images")
-    dx = np.abs(np.diff(a, axis=-1)).mean()
-    dy = np.abs(np.diff(a, axis=-2)).mean()
-    return float((dx + dy) / 2)
+    return float(sharpness_per_image(np.asarray(images, dtype=np.float32)).mean())
 
 
 def unsharp(images: np.ndarray, gain: float, sigma: float = DEFAULT_SIGMA) -> np.ndarray:
