@@ -429,12 +429,13 @@ def screen(
     out_csv: Annotated[Path | None, typer.Option("--out", help="Write per-scan scores to this CSV.")] = None,
     heatmaps: Annotated[Path | None, typer.Option("--heatmaps", help="Write heat-map PNGs here.")] = None,
     score: Annotated[
-        str | None, typer.Option("--score", help="The score that flags (default mahalanobis).")
+        str | None,
+        typer.Option("--score", help="The score that flags (default: the model's own, lowpass_error)."),
     ] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
-    """Score new scans for anomalies: latent score, percentile among normals, and a flag."""
+    """Score new scans for anomalies: the score, its percentile among normals, and a flag."""
 
     def body() -> None:
         from medvae.config import ScreenConfig

@@ -9,7 +9,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from medvae.anomaly.stats import SCORES, LatentStats, fit_latent_stats, score_batch
+from medvae.anomaly.stats import DEFAULT_SCORE, SCORES, LatentStats, fit_latent_stats, score_batch
 from medvae.engine.inference import Device, ImageBatch, Labels
 from medvae.vae.model import ConvVAE
 
@@ -35,6 +35,9 @@ class Calibration:
             occlusion heat maps and the reference of their lung mask (empty for old calibrations).
         local: whether the thresholds were set on a site's own normals (:func:`recalibrate`) rather than
             on held-out normals of the training cohort.
+        roi: where the low-pass error counts, boolean (H, W): the lung fields of the mean training image
+            (:func:`medvae.anomaly.localisation.region_of_interest`), all True when none were found,
+            empty (the whole image) for old calibrations.
     """
 
     score: str
@@ -48,14 +51,23 @@ class Calibration:
     by_score: dict[str, np.ndarray] = field(default_factory=dict)
     mean_image: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
     local: bool = False
+    roi: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=bool))
 
-    def for_score(self, name: str) -> Calibration:
+    @property
+    def roi_is_lungs(self) -> bool:
+        """Whether the low-pass error counts only a lung region (not the whole image)."""
+        return bool(self.roi.size) and not bool(self.roi.all())
+
+    def for_score(self, name: str | None) -> Calibration:
         """This calibration with ``name`` as the flagging score (same normals, same target FPR).
+
+        Args:
+            name: one of :data:`SCORES`; None: the score the model was calibrated for.
 
         Raises:
             ValueError: when the calibration holds no held-out scores for ``name``.
         """
-        if name == self.score:
+        if name is None or name == self.score:
             return self
         if name not in self.by_score:
             raise ValueError(
@@ -83,6 +95,7 @@ class Calibration:
             "shrinkage": float(self.stats.shrinkage),
             "n_train": int(self.stats.n_images),
             "cohort": "local" if self.local else "training",
+            "roi": "lungs" if self.roi_is_lungs else "whole image",
         }
 
         def t(a: np.ndarray) -> torch.Tensor:
@@ -95,6 +108,7 @@ class Calibration:
             "stats_precision": t(self.stats.precision),
             **{f"normal_scores.{k}": t(v) for k, v in self.by_score.items()},
             **({"mean_image": t(self.mean_image)} if self.mean_image.size else {}),
+            **({"roi": t(self.roi)} if self.roi.size else {}),
         }
         return meta, tensors
 
@@ -142,6 +156,7 @@ class Calibration:
             mean_image=a("mean_image") if "mean_image" in tensors else np.zeros((0, 0)),
             # Older files say only how many local normals a recalibration used.
             local=meta.get("cohort") == "local" or "recalibrated_on" in meta,
+            roi=a("roi") > 0.5 if "roi" in tensors else np.zeros((0, 0), dtype=bool),
         )
 
 
@@ -162,7 +177,7 @@ def calibrate(
     *,
     train_labels: Labels = None,
     val_labels: Labels = None,
-    score: str = "mahalanobis",
+    score: str = DEFAULT_SCORE,
     fpr: float = 0.05,
     recon_kind: Literal["bce", "mse"] = "bce",
     default_label: int | None = None,
@@ -197,15 +212,20 @@ def calibrate(
         raise ValueError(f"fpr must lie in (0, 1), got {fpr}")
     if len(val_normal_images) < 1:
         raise ValueError("calibrate needs at least one held-out normal image")
+    from medvae.anomaly.localisation import region_of_interest
+
     stats = fit_latent_stats(
         model, train_images, train_labels, default_label=default_label, batch_size=batch_size, device=device
     )
+    mean_image = _mean_image(train_images)
+    roi = region_of_interest(mean_image)
     val = score_batch(
         model,
         val_normal_images,
         val_labels,
         stats=stats,
         recon_kind=recon_kind,
+        roi=roi,
         default_label=default_label,
         batch_size=batch_size,
         device=device,
@@ -222,7 +242,8 @@ def calibrate(
         recon_kind=recon_kind,
         default_label=default_label,
         by_score=by_score,
-        mean_image=_mean_image(train_images),
+        mean_image=mean_image,
+        roi=roi,
     )
 
 
@@ -253,6 +274,30 @@ def percentile_among_normals(scores: np.ndarray, cal: Calibration) -> np.ndarray
     return 100.0 * rank.astype(np.float64) / max(len(cal.normal_scores), 1)
 
 
+def unlike_training(mahalanobis_scores: np.ndarray, cal: Calibration, factor: float) -> np.ndarray:
+    """Whether each scan's latent distance exceeds ``factor`` times the largest held-out normal's.
+
+    The low-pass error only asks whether the lung fields match their reconstruction; a blank frame, noise
+    or another body part can be reconstructed well enough to pass it. Such scans sit far outside the
+    normals' latent distribution, which the Mahalanobis distance measures. At 1.5 x the largest normal's
+    distance no held-out normal is flagged by construction, and on kermany_train's new acquisition batch
+    0.3-1.2 % of normals were (docs/quality.md), while every blank and noise image was.
+
+    Args:
+        mahalanobis_scores: the scans' ``mahalanobis`` scores.
+        cal: the calibration (its held-out normals' Mahalanobis scores).
+        factor: the multiple; 0 turns the check off.
+
+    Returns:
+        Boolean array of the scores' shape (all False when off or when no normals' scores are stored).
+    """
+    s = np.asarray(mahalanobis_scores, dtype=np.float64)
+    normal = cal.by_score.get("mahalanobis", np.zeros(0))
+    if factor <= 0 or not len(normal):
+        return np.zeros(s.shape, dtype=bool)
+    return np.asarray(s > factor * float(np.max(normal)), dtype=bool)
+
+
 def screen(
     model: ConvVAE,
     images: ImageBatch,
@@ -262,6 +307,7 @@ def screen(
     *,
     default_label: int | None = None,
     batch_size: int = 256,
+    unlike_factor: float = 0.0,
 ) -> dict[str, np.ndarray]:
     """Score new images against a calibration and flag the unusual ones.
 
@@ -276,10 +322,12 @@ def screen(
         device: where to compute; None: the model's device.
         default_label: overrides ``cal.default_label``.
         batch_size: images per forward pass.
+        unlike_factor: also flag scans :func:`unlike_training` by this factor (0: off).
 
     Returns:
         Every score in :data:`SCORES`, plus ``"score"`` (the primary one), ``"percentile"`` (among
-        held-out normals, 0..100) and ``"flag"`` (bool, ``score > threshold``).
+        held-out normals, 0..100), ``"unlike"`` (bool, see :func:`unlike_training`) and ``"flag"``
+        (bool, ``score > threshold`` or unlike).
     """
     label = cal.default_label if default_label is None else default_label
     out = score_batch(
@@ -288,6 +336,7 @@ def screen(
         labels,
         stats=cal.stats,
         recon_kind=cal.recon_kind,
+        roi=cal.roi,
         default_label=label,
         batch_size=batch_size,
         device=device,
@@ -295,7 +344,8 @@ def screen(
     primary = out[cal.score]
     out["score"] = primary
     out["percentile"] = percentile_among_normals(primary, cal)
-    out["flag"] = primary > cal.threshold
+    out["unlike"] = unlike_training(out["mahalanobis"], cal, unlike_factor)
+    out["flag"] = (primary > cal.threshold) | out["unlike"]
     return out
 
 
@@ -330,16 +380,25 @@ def fpr_interval(n_normals: int, fpr: float, confidence: float = 0.95) -> tuple[
 
 
 def calibration_warnings(cal: Calibration) -> list[str]:
-    """What an operator must be told about a calibration: today, a threshold set on too few normals."""
+    """What an operator must be told about a calibration: a threshold set on too few normals, and a
+    low-pass error that found no lung fields to count."""
+    out = []
+    if cal.score == "lowpass_error" and cal.roi.size and not cal.roi_is_lungs:
+        out.append(
+            "no lung fields were found in the mean training image, so the lowpass_error score counts the "
+            "whole image, where collimation edges and labels dominate it; it was measured on chest films "
+            "(docs/quality.md)"
+        )
     if cal.n_val >= FEW_NORMALS:
-        return []
+        return out
     low, high = fpr_interval(cal.n_val, cal.fpr)
-    return [
+    out.append(
         f"the anomaly threshold was calibrated on only {cal.n_val} held-out normals: percentiles move in "
         f"{100.0 / max(cal.n_val, 1):.1f} % steps and the false-positive rate it promises ({cal.fpr:.0%}) "
         f"may lie anywhere in {low:.1%}-{high:.1%} (95 % interval); calibrate on at least {FEW_NORMALS} "
         "normals (ingest more normal scans, or recalibrate on local normals)"
-    ]
+    )
+    return out
 
 
 def cohort_warnings(cal: Calibration) -> list[str]:
@@ -458,6 +517,7 @@ def recalibrate(
         None,
         stats=cal.stats,
         recon_kind=cal.recon_kind,
+        roi=cal.roi,
         default_label=cal.default_label,
     )
     by_score = {k: np.sort(np.asarray(v, dtype=np.float64)) for k, v in val.items()}

@@ -82,6 +82,7 @@ def occlusion_maps(
             lab,
             stats=cal.stats,
             recon_kind=cal.recon_kind,
+            roi=cal.roi,
             default_label=cal.default_label,
             batch_size=batch_size,
         )

@@ -71,3 +71,28 @@ def share_inside(maps: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, float]
     total = a.sum(axis=1)
     shares = np.divide(a @ inside, total, out=np.zeros_like(total), where=total > 0)
     return shares, float(inside.mean())
+
+
+# A lung mask outside these bounds is not two lung fields (a flat or non-chest mean image).
+ROI_MIN_SHARE, ROI_MAX_SHARE = 0.05, 0.6
+
+
+def region_of_interest(mean_image: np.ndarray) -> np.ndarray:
+    """Where the low-pass error score counts: the lung fields, or the whole image if none are found.
+
+    Args:
+        mean_image: the mean training image (H, W); empty gives an empty region (the whole image).
+
+    Returns:
+        Boolean (H, W) (all True when :func:`lung_mask` fails or covers an implausible share).
+    """
+    mean_image = np.asarray(mean_image)
+    if not mean_image.size:
+        return np.zeros((0, 0), dtype=bool)
+    try:
+        mask = lung_mask(mean_image)
+    except ValueError:
+        return np.ones(mean_image.shape, dtype=bool)
+    if not ROI_MIN_SHARE <= float(mask.mean()) <= ROI_MAX_SHARE:
+        return np.ones(mean_image.shape, dtype=bool)
+    return mask

@@ -82,7 +82,9 @@ class Images:
         """The pipeline's scores (:func:`medvae.anomaly.stats.score_batch`, one eval-mode pass)."""
         if self._base is None:
             cal = ref.calibration
-            self._base = score_batch(ref.model, self.x, stats=cal.stats, recon_kind=cal.recon_kind)
+            self._base = score_batch(
+                ref.model, self.x, stats=cal.stats, recon_kind=cal.recon_kind, roi=cal.roi
+            )
         return self._base
 
     def posterior(self, ref: Reference) -> tuple[np.ndarray, np.ndarray]:
@@ -130,11 +132,19 @@ def _mahalanobis_mu_logvar(ref: Reference, im: Images) -> np.ndarray:
     return mahalanobis(np.concatenate(im.posterior(ref), axis=1), ref.mu_logvar_stats)
 
 
+def _lowpass_whole_image(ref: Reference, im: Images) -> np.ndarray:
+    cal = ref.calibration
+    return score_batch(ref.model, im.x, stats=cal.stats, recon_kind=cal.recon_kind)["lowpass_error"]
+
+
 def _combined_z(ref: Reference, im: Images) -> np.ndarray:
     return combined_zscore(im.scores, ref.val, ("mahalanobis", "recon"))
 
 
 REGISTRY: dict[str, Score] = {
+    "lowpass_error": Score(
+        _base("lowpass_error"), "squared error of the 2 px-blurred image and reconstruction, lung fields"
+    ),
     "mahalanobis": Score(_base("mahalanobis"), "Mahalanobis distance of the posterior mean (Ledoit-Wolf)"),
     "kl": Score(_base("kl"), "KL(q(z|x) || N(0, I))"),
     "recon": Score(_base("recon"), "reconstruction NLL from the posterior mean"),
@@ -142,6 +152,8 @@ REGISTRY: dict[str, Score] = {
     # The posterior variance says how confidently the encoder places an image; unusual images get unusual
     # variances as well as unusual means.
     "mahalanobis_mu_logvar": Score(_mahalanobis_mu_logvar, "Mahalanobis distance of [μ, log σ²]"),
+    # The pipeline's low-pass error without its lung region: what the region of interest buys.
+    "lowpass_error_whole": Score(_lowpass_whole_image, "the low-pass error over the whole image"),
     "combined_z": Score(_combined_z, "mahalanobis + recon, each z-scored on held-out normals"),
 }
 

@@ -127,7 +127,7 @@ class ScreenRecord(Result):
         status: ``scored`` or ``rejected``.
         reason: why it was rejected (empty when scored).
         name: the row name of its heat map and CSV row (``scan_<digest>``; never the file name).
-        scores: every anomaly score, plus ``score``, ``percentile`` and ``flag`` (1 or 0).
+        scores: every anomaly score, plus ``score``, ``percentile``, ``unlike`` and ``flag`` (1 or 0).
     """
 
     file: str
@@ -138,7 +138,7 @@ class ScreenRecord(Result):
 
     @property
     def flagged(self) -> bool:
-        """Whether the scan scored above the calibrated threshold."""
+        """Whether the scan scored above the calibrated threshold, or lies far outside the normals."""
         return bool(self.scores.get("flag"))
 
 
@@ -170,12 +170,22 @@ class ScreenResult(Result):
 
     @property
     def flagged(self) -> int:
-        """Scored files above the threshold."""
+        """Scored files above the threshold, or unlike the training images."""
         return sum(r.flagged for r in self.records)
 
+    @property
+    def unlike(self) -> int:
+        """Of the flagged files, those far outside the training normals (see ``unlike_training``)."""
+        return sum(bool(r.scores.get("unlike")) for r in self.records)
+
     def counts(self) -> dict[str, int]:
-        """``{"scored", "rejected", "flagged"}`` for artifacts and summaries."""
-        return {"scored": self.scored, "rejected": self.rejected, "flagged": self.flagged}
+        """``{"scored", "rejected", "flagged", "unlike"}`` for artifacts and summaries."""
+        return {
+            "scored": self.scored,
+            "rejected": self.rejected,
+            "flagged": self.flagged,
+            "unlike": self.unlike,
+        }
 
 
 @dataclass(frozen=True)

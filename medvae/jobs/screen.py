@@ -12,7 +12,7 @@ import io
 import json
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,17 @@ from medvae.config import IngestConfig, ScreenConfig
 from medvae.jobs.results import RecalibrationResult, ScreenRecord, ScreenResult
 
 # The score columns of the screening CSV, in order.
-SCORE_FIELDS = ("score", "percentile", "flag", "mahalanobis", "recon", "kl", "elbo")
+SCORE_FIELDS = (
+    "score",
+    "percentile",
+    "flag",
+    "unlike",
+    "lowpass_error",
+    "mahalanobis",
+    "recon",
+    "kl",
+    "elbo",
+)
 
 
 @dataclass(eq=False)
@@ -32,6 +42,7 @@ class Screener:
     loaded: Any  # medvae.vae.artifacts.LoadedModel
     calibration: Any  # medvae.anomaly.calibration.Calibration
     prepare: IngestConfig
+    cfg: ScreenConfig = field(default_factory=ScreenConfig)
 
     @classmethod
     def load(cls, model_dir: Path, cfg: ScreenConfig | None = None, key: bytes | None = None) -> Screener:
@@ -42,7 +53,8 @@ class Screener:
         from medvae.vae.artifacts import load_model
 
         loaded = load_model(model_dir, key=key)
-        return cls(loaded, _screen_calibration(model_dir, cfg), screen_settings(loaded.meta))
+        cfg = cfg or ScreenConfig()
+        return cls(loaded, _screen_calibration(model_dir, cfg), screen_settings(loaded.meta), cfg)
 
     def _labels(self, n: int) -> np.ndarray | None:
         # New scans have no trusted label: a conditional model scores them against the normal (first) class.
@@ -52,7 +64,13 @@ class Screener:
         """Every anomaly score, the percentile among held-out normals and the flag, for uint8 images."""
         from medvae.anomaly.calibration import screen
 
-        return screen(self.loaded.model, images, self.calibration, labels=self._labels(len(images)))
+        return screen(
+            self.loaded.model,
+            images,
+            self.calibration,
+            labels=self._labels(len(images)),
+            unlike_factor=self.cfg.unlike_factor,
+        )
 
     def heatmaps(self, images: np.ndarray) -> np.ndarray:
         """Occlusion maps of the deciding (calibrated) score for ``images`` (N, H, W)."""
@@ -144,7 +162,7 @@ def write_csv(records: Sequence[ScreenRecord], path: Path) -> None:
 
 
 def _cell(field: str, value: float) -> str:
-    if field == "flag":
+    if field in ("flag", "unlike"):
         return str(int(value))
     return f"{value:.2f}" if field == "percentile" else f"{value:.6g}"
 
@@ -152,6 +170,8 @@ def _cell(field: str, value: float) -> str:
 def _caption(r: ScreenRecord) -> str:
     # The row name, never the file name: heat maps get shared, and file names can name patients.
     flag = "FLAGGED" if r.flagged else "not flagged"
+    if r.scores.get("unlike"):
+        flag += " (unlike training)"
     return f"{r.name}\nscore {r.scores['score']:.3g}  {r.scores['percentile']:.0f}th pct of normals  {flag}"
 
 
@@ -211,6 +231,13 @@ def threshold_warnings(cal: Any, counts: Mapping[str, int] | None = None) -> tup
     from medvae.anomaly.calibration import calibration_warnings, cohort_warnings, flagged_share_warnings
 
     share = [] if counts is None else flagged_share_warnings(counts["scored"], counts["flagged"], cal.fpr)
+    unlike = (counts or {}).get("unlike", 0)
+    if unlike:
+        share.append(
+            f"{unlike} scan(s) lie far outside the training normals (latent distance above the guard, column "
+            "`unlike`): they are flagged whatever their score; check that they are the view, age group and "
+            "modality the model was trained on"
+        )
     return tuple(cohort_warnings(cal) + calibration_warnings(cal) + share)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from medvae.anomaly.localisation import lung_mask, share_inside
+from medvae.anomaly.localisation import lung_mask, region_of_interest, share_inside
 
 
 def _mean_chest(size: int = 64) -> tuple[np.ndarray, np.ndarray]:
@@ -45,3 +45,14 @@ def test_a_flat_mean_image_or_a_wrong_mask_shape_is_refused() -> None:
         lung_mask(np.full((64, 64), 0.5))
     with pytest.raises(ValueError, match="does not match"):
         share_inside(np.zeros((1, 8, 8)), np.zeros((4, 4), bool))
+
+
+def test_the_region_of_interest_is_the_lungs_or_else_the_whole_image() -> None:
+    img, truth = _mean_chest()
+    np.testing.assert_array_equal(region_of_interest(img), lung_mask(img))
+    # No lung fields (flat, or one dark blob over most of the image): the score counts every pixel.
+    assert region_of_interest(np.full((64, 64), 0.5)).all()
+    dark = np.full((64, 64), 200.0)
+    dark[2:-2, 2:-2] = 10.0
+    assert region_of_interest(dark).shape == (64, 64) and region_of_interest(dark).all()
+    assert region_of_interest(np.zeros((0, 0))).size == 0  # an old calibration without a mean image

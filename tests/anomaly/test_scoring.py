@@ -19,12 +19,22 @@ from medvae.anomaly.calibration import (
     flagged_share_warnings,
     percentile_among_normals,
     recalibrate,
+    calibration_warnings,
     screen,
     site_shift_warnings,
     threshold_at_fpr,
+    unlike_training,
 )
 from medvae.anomaly.heatmaps import occlusion_maps, reconstruction_error_maps, save_heatmap_pngs
-from medvae.anomaly.stats import SCORES, LatentStats, fit_latent_stats, ledoit_wolf, score_batch
+from medvae.anomaly.stats import (
+    SCORES,
+    LatentStats,
+    fit_latent_stats,
+    gaussian_blur,
+    ledoit_wolf,
+    lowpass_error_map,
+    score_batch,
+)
 from medvae.config import ModelConfig
 from medvae.engine.inference import as_float_batch
 from medvae.vae.losses import kl_divergence, reconstruction_nll
@@ -158,7 +168,7 @@ def test_screen_flags_out_of_distribution_images() -> None:
     cal = calibrate(model, train, val, score="mahalanobis", fpr=0.05)
     assert cal.n_val == 64 and np.sum(cal.normal_scores > cal.threshold) <= 0.05 * 64
     ra, rb = screen(model, test_a, cal), screen(model, test_b, cal)
-    assert set(ra) == {*SCORES, "score", "percentile", "flag"}
+    assert set(ra) == {*SCORES, "score", "percentile", "unlike", "flag"}
     assert ra["flag"].dtype == bool
     np.testing.assert_array_equal(ra["score"], ra["mahalanobis"])
     assert rb["mahalanobis"].mean() > 3 * ra["mahalanobis"].mean()
@@ -185,6 +195,10 @@ def test_calibration_round_trips_through_json_and_safetensors() -> None:
     np.testing.assert_array_equal(back.stats.mean, cal.stats.mean)
     np.testing.assert_array_equal(back.stats.precision, cal.stats.precision)
     assert back.stats.shrinkage == cal.stats.shrinkage and back.stats.n_images == 20
+    assert back.roi.dtype == bool and cal.roi.shape == (SIZE, SIZE)
+    np.testing.assert_array_equal(back.roi, cal.roi)
+    old = Calibration.from_files(meta2, {k: v for k, v in tensors2.items() if k != "roi"})
+    assert old.roi.size == 0  # a calibration written before the region existed scores every pixel
     # The tensors own their memory: writing to them must not change the calibration.
     tensors["normal_scores"].zero_()
     assert cal.normal_scores.max() > 0
@@ -295,7 +309,7 @@ def test_occlusion_maps_find_the_patch_that_raises_the_score(monkeypatch: pytest
         return {"mahalanobis": x[:, 0, 4:12, 4:12].mean(dim=(1, 2)).double().numpy()}
 
     model = _model()
-    cal = calibrate(model, _images(24, high=60), _images(8, high=60, seed=3), fpr=0.1)
+    cal = calibrate(model, _images(24, high=60), _images(8, high=60, seed=3), score="mahalanobis", fpr=0.1)
     monkeypatch.setattr(stats_mod, "score_batch", square_score)
     odd = cal.mean_image.copy()
     odd[4:12, 4:12] = 1.0
@@ -314,3 +328,73 @@ def test_occlusion_maps_of_a_real_model_are_finite_and_non_negative() -> None:
     cal = calibrate(model, _images(24), _images(8, seed=3), fpr=0.1)
     maps = occlusion_maps(model, _images(3, seed=5), cal)
     assert maps.shape == (3, SIZE, SIZE) and np.isfinite(maps).all() and (maps >= 0).all()
+
+
+def test_gaussian_blur_is_scipys_gaussian_filter() -> None:
+    from scipy.ndimage import gaussian_filter
+
+    x = np.random.default_rng(0).random((3, 20, 24))
+    got = gaussian_blur(torch.from_numpy(x)[:, None], 2.0)[:, 0].numpy()
+    np.testing.assert_allclose(got, np.stack([gaussian_filter(v, 2.0) for v in x]), atol=1e-12)
+    assert torch.equal(gaussian_blur(torch.from_numpy(x)[:, None], 0.0)[:, 0], torch.from_numpy(x))
+
+
+def test_the_lowpass_error_ignores_grain_sees_blobs_and_counts_only_the_region() -> None:
+    """Two departures of equal squared error: pixel-scale grain (a film's sharpness) barely moves the
+    score, a lung-sized blob does; pixels outside the region of interest never count."""
+    base = torch.full((1, 1, 32, 32), 0.5, dtype=torch.float64)
+    grain = base + 0.1 * (torch.arange(32)[:, None] + torch.arange(32)[None, :]).remainder(2).mul(2).sub(1)
+    blob = base.clone()
+    blob[..., 8:24, 10:26] += 0.2  # 256 pixels of 0.2: the squared error of 1024 pixels of 0.1 grain
+    assert float(((grain - base) ** 2).sum()) == pytest.approx(float(((blob - base) ** 2).sum()))
+    e_grain = float(lowpass_error_map(grain, base).sum())
+    e_blob = float(lowpass_error_map(blob, base).sum())
+    assert e_blob > 20 * e_grain
+    roi = np.zeros((32, 32), dtype=bool)
+    roi[:, :4] = True  # 3 blur widths from the blob
+    inside = lowpass_error_map(blob, base, roi)
+    assert float(inside[0][~torch.from_numpy(roi)].abs().max()) == 0.0
+    assert float(inside.sum()) < 0.05 * e_blob
+
+
+def test_the_lowpass_score_is_the_sum_of_its_map_inside_the_calibrated_region() -> None:
+    model = _model()
+    cal = calibrate(model, _images(24), _images(8, seed=3), fpr=0.1)
+    assert cal.score == "lowpass_error"  # what a new model screens with
+    test = _images(4, seed=5)
+    x = as_float_batch(test).double()
+    with torch.no_grad():
+        recon = model.eval()(x.float()).recon.double()
+    expect = lowpass_error_map(x, recon, cal.roi).sum(dim=(1, 2)).numpy()
+    got = screen(model, test, cal)
+    np.testing.assert_allclose(got["lowpass_error"], expect, rtol=1e-5)
+    np.testing.assert_array_equal(got["score"], got["lowpass_error"])
+
+
+def test_scans_far_outside_the_normals_are_flagged_whatever_their_lowpass_error() -> None:
+    model = _model()
+    cal = calibrate(model, _images(24, high=60), _images(8, high=60, seed=3), fpr=0.1)
+    top = float(cal.by_score["mahalanobis"].max())
+    np.testing.assert_array_equal(
+        unlike_training(np.array([top, 1.49 * top, 1.51 * top]), cal, 1.5), [False, False, True]
+    )
+    assert not unlike_training(np.array([1e9]), cal, 0.0).any()  # 0 turns the check off
+    bright = _images(6, 200, 256, seed=4)
+    plain = screen(model, bright, cal)
+    guarded = screen(model, bright, cal, unlike_factor=1.0)
+    assert not plain["unlike"].any() and guarded["unlike"].any()
+    np.testing.assert_array_equal(guarded["flag"], plain["flag"] | guarded["unlike"])
+    # The guard never flags the normals the threshold was set on (at a factor of at least 1).
+    assert not unlike_training(cal.by_score["mahalanobis"], cal, 1.0).any()
+
+
+def test_a_lowpass_calibration_without_lung_fields_says_it_counts_the_whole_image() -> None:
+    from dataclasses import replace
+
+    cal = calibrate(_model(), _images(24), _images(8, seed=3), fpr=0.1)
+    whole = replace(cal, roi=np.ones((SIZE, SIZE), dtype=bool))
+    assert any("no lung fields" in w for w in calibration_warnings(whole))
+    lungs = np.zeros((SIZE, SIZE), dtype=bool)
+    lungs[4:12, 2:7] = lungs[4:12, 9:14] = True
+    assert not any("no lung fields" in w for w in calibration_warnings(replace(cal, roi=lungs)))
+    assert not any("no lung fields" in w for w in calibration_warnings(replace(whole, score="mahalanobis")))

@@ -64,7 +64,7 @@ def test_the_new_batch_is_held_out_and_the_threshold_is_recalibrated_on_part_of_
 
     run = run_anomaly_seed(ed, cfg, 3, "cpu", None, False, shift=ed.shift, localise=4)
     assert run.split_name == "shift" and run.cohort is not None
-    at = dict(zip(run.test_index.tolist(), run.scores["mahalanobis"].tolist(), strict=True))
+    at = dict(zip(run.test_index.tolist(), run.scores[run.primary].tolist(), strict=True))
     rates = []
     for r in range(5):
         loc, rest = ed.shift.draw(3 * 1000 + r)
@@ -95,15 +95,15 @@ def test_evaluate_reports_both_splits_side_by_side(tmp_path: Path) -> None:
     assert sh["cohort"]["held_out"] == ["NORMAL2"] and "NORMAL2" in sh["note"]
     assert sh["splits"]["test"]["by_label"]["normal"] >= 44
     assert set(sh["per_seed"][0]["cohort"]["fpr_by_batch"]) == {"(default batch)", "NORMAL2"}
-    assert 0.0 <= sh["summary"]["scores"]["mahalanobis"]["auroc"]["mean"] <= 1.0
+    assert 0.0 <= sh["summary"]["scores"]["lowpass_error"]["auroc"]["mean"] <= 1.0
     names = {t["target"] for t in on_disk["targets"]}
-    assert "shift-aware split: mahalanobis AUROC >= 0.85" in names
+    assert "shift-aware split: lowpass_error AUROC >= 0.85" in names
     loc = on_disk["anomaly"]["localisation"]
     assert loc["n_abnormal"] == 4 and loc["n_normal"] == 4
     # File names never reach the outputs (they may be patient names): batch names and numbers only.
     assert "person1_" not in json.dumps(on_disk) and "IM-0001" not in json.dumps(on_disk)
     lines = summary_lines(m)
-    assert any(line.startswith("mahalanobis AUROC, patient split") for line in lines)
+    assert any(line.startswith("lowpass_error AUROC, patient split") for line in lines)
     assert any("recalibrated on" in line for line in lines)
     html = (out / "report.html").read_text()
     assert "Patient split and shift-aware split, side by side" in html and "Does the threshold hold" in html

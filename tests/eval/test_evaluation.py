@@ -125,11 +125,11 @@ def test_evaluate_end_to_end_on_a_tiny_folder(tmp_path: Path) -> None:
     out = tmp_path / "out"
     m = evaluate(root, out, normal_label="normal", cfg=cfg, progress=False)
     on_disk = json.loads((out / "metrics.json").read_text())
-    assert on_disk["anomaly"]["summary"]["primary_score"] == "mahalanobis"
+    assert on_disk["anomaly"]["summary"]["primary_score"] == "lowpass_error"
     for key in ("data", "anomaly", "utility", "privacy", "targets", "timing", "config"):
         assert key in on_disk
     scores = on_disk["anomaly"]["summary"]["scores"]
-    for name in ("mahalanobis", "kl", "recon", "elbo"):
+    for name in ("lowpass_error", "mahalanobis", "kl", "recon", "elbo"):
         assert 0.0 <= scores[name]["auroc"]["mean"] <= 1.0
         assert 0.0 <= scores[name]["auprc"]["mean"] <= 1.0
     for key in ("sensitivity", "specificity", "ssim", "psnr"):
@@ -156,7 +156,7 @@ def test_evaluate_end_to_end_on_a_tiny_folder(tmp_path: Path) -> None:
     report = (out / "report.html").read_text()
     assert "data:image/png;base64," in report and "AUROC" in report
     assert (out / "pictures" / "roc.png").exists()
-    assert m["anomaly"]["summary"]["primary_score"] == "mahalanobis"
+    assert m["anomaly"]["summary"]["primary_score"] == "lowpass_error"
 
 
 def test_load_dataset_caches_decoded_folders(tmp_path: Path) -> None:

@@ -151,7 +151,7 @@ def test_report_embeds_every_figure_and_escapes_file_names(tmp_path: Path) -> No
 def test_targets_come_from_the_config_not_the_code() -> None:
     m, _, _ = _metrics()
     rows = {t["target"]: t for t in m["targets"]}
-    primary = rows["primary latent score AUROC >= 0.85 (mahalanobis)"]
+    primary = rows["primary score AUROC >= 0.85 (mahalanobis)"]
     assert primary["met"] is True and primary["observed"] == pytest.approx(31 / 36)
     assert all("utility" not in t["metric"] for t in m["targets"])  # the utility study did not run
     strict = EvaluateConfig(

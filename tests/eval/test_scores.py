@@ -33,9 +33,14 @@ def test_scores_equal_their_definitions(fitted: tuple[sc.Reference, np.ndarray])
     ref, test = fitted
     got = sc.score_images(ref, sc.Images(test))
     assert list(got) == list(sc.REGISTRY)
-    base = score_batch(ref.model, test, stats=ref.calibration.stats, recon_kind="bce")
+    cal = ref.calibration
+    base = score_batch(ref.model, test, stats=cal.stats, recon_kind="bce", roi=cal.roi)
     for k in SCORES:
         assert np.array_equal(got[k], base[k])
+    # The low-pass error counts the calibration's region; the research twin counts every pixel.
+    whole = score_batch(ref.model, test, stats=cal.stats, recon_kind="bce")["lowpass_error"]
+    assert np.array_equal(got["lowpass_error_whole"], whole)
+    assert cal.roi_is_lungs and (got["lowpass_error"] < whole).all()
     # [mu, logvar] Mahalanobis against the training normals' Ledoit-Wolf reference, computed by hand.
     with torch.no_grad():
         mu, lv = ref.model.encode(torch.from_numpy(test).float().div(255).unsqueeze(1))

@@ -96,6 +96,10 @@ def test_a_screen_of_unlike_scans_says_so_and_one_of_the_cohort_does_not(
     unlike = screen_job(model, [tmp_path / "noise"])
     assert unlike.scored == 24 and unlike.flagged >= 12
     assert any(f"flagged {unlike.flagged} of 24 scans" in w for w in unlike.warnings)
+    # Noise is what the low-pass error can miss: the latent guard is what flags it, and says so.
+    assert unlike.counts()["unlike"] >= 12
+    assert any(f"{unlike.unlike} scan(s) lie far outside" in w for w in unlike.warnings)
+    assert not cohort.unlike and not any("lie far outside" in w for w in cohort.warnings)
 
 
 def test_screen_rejects_a_fifo_and_an_oversized_file_without_reading_them(
