@@ -31,6 +31,9 @@ class LocalisationCheck:
         share_normal: the same for normal images.
         spearman_abnormal: rank correlation of an abnormal image's total heat with its score.
         mask_error: why no lung mask could be made (the other fields are then empty), else "".
+        lungs_only: whether the deciding score counts only the lung fields (the low-pass error with a
+            lung region): its heat then lies in the lungs largely by construction, and the share says
+            little; the abnormal-over-normal heat and the Spearman still do.
     """
 
     n_abnormal: int
@@ -40,6 +43,7 @@ class LocalisationCheck:
     share_normal: float | None
     spearman_abnormal: float | None
     mask_error: str = ""
+    lungs_only: bool = False
 
     def metrics(self) -> dict[str, Any]:
         """The JSON figures, with the abnormal share as a multiple of chance."""
@@ -57,6 +61,7 @@ class LocalisationCheck:
             "abnormal_x_chance": ratio,
             "spearman_abnormal": self.spearman_abnormal,
             "mask_error": self.mask_error,
+            "lungs_only": self.lungs_only,
         }
 
 
@@ -113,6 +118,7 @@ def check_localisation(
         share_abnormal=float(shares[: len(ab)].mean()) if len(ab) else None,
         share_normal=float(shares[len(ab) :].mean()) if len(no) else None,
         spearman_abnormal=rho,
+        lungs_only=cal.score == "lowpass_error" and cal.roi_is_lungs,
     )
     return check, picks, maps
 

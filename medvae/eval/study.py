@@ -432,6 +432,11 @@ def _shift_lines(metrics: dict[str, Any]) -> list[str]:
                 f"heat maps, {name} split: {loc['share_abnormal']:.3f} of the heat in the lungs for "
                 f"abnormals ({loc['abnormal_x_chance']:.2f}x chance {loc['chance']:.3f}), "
                 f"{loc['share_normal']:.3f} for normals ({loc['n_abnormal']}+{loc['n_normal']} images)"
+                + (
+                    "; the score counts only the lungs, so most heat lies there by construction"
+                    if loc.get("lungs_only")
+                    else ""
+                )
             )
     return lines
 

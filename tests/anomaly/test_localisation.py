@@ -48,7 +48,7 @@ def test_a_flat_mean_image_or_a_wrong_mask_shape_is_refused() -> None:
 
 
 def test_the_region_of_interest_is_the_lungs_or_else_the_whole_image() -> None:
-    img, truth = _mean_chest()
+    img, _ = _mean_chest()
     np.testing.assert_array_equal(region_of_interest(img), lung_mask(img))
     # No lung fields (flat, or one dark blob over most of the image): the score counts every pixel.
     assert region_of_interest(np.full((64, 64), 0.5)).all()

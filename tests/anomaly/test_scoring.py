@@ -15,11 +15,11 @@ from safetensors.torch import save as st_save
 from medvae.anomaly.calibration import (
     Calibration,
     calibrate,
+    calibration_warnings,
     cohort_warnings,
     flagged_share_warnings,
     percentile_among_normals,
     recalibrate,
-    calibration_warnings,
     screen,
     site_shift_warnings,
     threshold_at_fpr,

@@ -252,6 +252,11 @@ def test_the_shift_split_sits_beside_the_patient_split_with_its_fpr_targets(tmp_
     lines = summary_lines(m)
     assert any("stored 12.1%; recalibrated on 300 of its normals 5.0%" in line for line in lines)
     assert any("0.350 of the heat in the lungs for abnormals (1.40x chance 0.250)" in line for line in lines)
+    assert not any("by construction" in line for line in lines) and "counts only the lung fields" not in html
+    # A score that counts only the lungs puts its heat there by construction: report and summary say so.
+    m["shift"]["localisation"]["lungs_only"] = True
+    assert "counts only the lung fields" in render_report(m, figs)
+    assert any("lungs, so most heat lies there by construction" in line for line in summary_lines(m))
 
 
 def test_without_a_shift_split_the_report_says_why() -> None:
