@@ -589,7 +589,7 @@ class EvaluateConfig(_Frozen):
     localisation_images: int = Field(
         32,
         ge=0,
-        description="Abnormal and normal test images (each) whose occlusion heat maps are checked against "
+        description="Abnormal and normal test images (each) whose heat maps are checked against "
         "a lung mask from the mean training normal; 0: no check.",
     )
 

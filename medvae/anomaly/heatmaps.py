@@ -1,11 +1,18 @@
 """Heat maps that explain the deciding score, and their PNG rendering.
 
-The flag comes from the calibrated latent score, so the map must show what drives *that* score. An
-occlusion map does: each 8x8 patch of the image is replaced by the same patch of the mean normal image,
-and the drop in the score is the patch's heat. Measured on Kermany pneumonia (docs/quality.md), its mass
-falls in the lung fields at 1.39x the chance level and its total tracks the score (Spearman 0.92),
-whereas the reconstruction error |x - recon| lit up rib edges, put more of its mass in the lungs of
-normals than of pneumonia, and tracked the score at 0.56.
+The flag comes from the calibrated score, so the map must show what drives *that* score.
+
+- For the low-pass error (the default score) the map is the score itself, pixel by pixel: the squared
+  difference of the blurred image and the blurred reconstruction inside the lung fields. It sums exactly
+  to the score, so the map is the decision, not an approximation of it.
+- For the latent scores an occlusion map does: each 8x8 patch of the image is replaced by the same patch
+  of the mean normal image, and the drop in the score is the patch's heat. Measured on Kermany pneumonia
+  (docs/quality.md), its mass falls in the lung fields at 1.39x the chance level and its total tracks the
+  score (Spearman 0.92). An occlusion map of the low-pass error would not stay in the lungs: covering
+  a shoulder moves the latent code and so the whole reconstruction.
+
+The raw reconstruction error |x - recon| lit up rib edges, put more of its mass in the lungs of normals
+than of pneumonia, and tracked the score at 0.56; it is kept only as a contrast.
 """
 
 from __future__ import annotations
@@ -101,6 +108,65 @@ def occlusion_maps(
             heat[r : r + patch, c : c + patch] += drop[k]
         maps[i] = (heat / cover.clamp_min(1)).numpy()
     return maps
+
+
+@torch.no_grad()
+def lowpass_maps(
+    model: ConvVAE,
+    images: ImageBatch,
+    cal: Any,
+    *,
+    labels: Labels = None,
+    whole_image: bool = False,
+    batch_size: int = 256,
+) -> np.ndarray:
+    """The low-pass error per pixel (:func:`~medvae.anomaly.stats.lowpass_error_map`), one forward pass.
+
+    Args:
+        model: the trained VAE.
+        images: uint8 (N, H, W) (or float in [0, 1]).
+        cal: the model's calibration (its ``roi`` and ``default_label``).
+        labels: label indices for a conditional model (default: ``cal.default_label``).
+        whole_image: ignore ``cal.roi`` and map the error everywhere (to ask where the raw error lies).
+        batch_size: images per forward pass.
+
+    Returns:
+        Float32 array (N, H, W); with ``whole_image`` False each map sums to the image's
+        ``lowpass_error`` score.
+    """
+    from medvae.anomaly.stats import lowpass_error_map
+
+    dev = model_device(model, None)
+    roi = None if whole_image else cal.roi
+    maps: list[np.ndarray] = []
+    with eval_mode(model):
+        for x, y in iter_batches(model, images, labels, cal.default_label, batch_size, dev):
+            out = model(x, y)
+            maps.append(lowpass_error_map(x.double(), out.recon.double(), roi).float().cpu().numpy())
+    if not maps:
+        size = model.cfg.image_size
+        return np.zeros((0, size, size), dtype=np.float32)
+    return np.concatenate(maps, axis=0)
+
+
+def score_maps(model: ConvVAE, images: ImageBatch, cal: Any, *, labels: Labels = None) -> np.ndarray:
+    """The heat map of the calibrated score ``cal.score``: what ``medvae screen --heatmaps`` draws.
+
+    The low-pass error is a sum over pixels, so its map is exact (:func:`lowpass_maps`); the latent
+    scores have no such decomposition and get :func:`occlusion_maps`.
+
+    Args:
+        model: the trained VAE.
+        images: uint8 (N, H, W) (or float in [0, 1]).
+        cal: the model's :class:`~medvae.anomaly.calibration.Calibration`.
+        labels: label indices for a conditional model.
+
+    Returns:
+        Float32 array (N, H, W) in score units.
+    """
+    if cal.score == "lowpass_error":
+        return lowpass_maps(model, images, cal, labels=labels)
+    return occlusion_maps(model, images, cal, labels=labels)
 
 
 @torch.no_grad()

@@ -1,10 +1,14 @@
-"""The evaluation's localisation check: do the occlusion heat maps of the deciding score fall on the lungs?
+"""The evaluation's localisation check: do the heat maps of the deciding score fall on the lungs?
 
-For a seeded random sample of abnormal and normal test images, the occlusion maps of the calibrated
-score (:func:`medvae.anomaly.heatmaps.occlusion_maps`, the maps ``medvae screen --heatmaps`` writes) are
-measured against the lung mask of the mean training normal (:mod:`medvae.anomaly.localisation`). A map
-that reads disease puts more of its heat inside the lungs than chance (the mask's area share), and more
-for abnormal than for normal chests; its total heat should track the score.
+For a seeded random sample of abnormal and normal test images, the heat maps of the calibrated score
+(:func:`medvae.anomaly.heatmaps.score_maps`, the maps ``medvae screen --heatmaps`` writes) are measured
+against the lung mask of the mean training normal (:mod:`medvae.anomaly.localisation`). A map that reads
+disease puts more of its heat inside the lungs than chance (the mask's area share), and more for abnormal
+than for normal chests; its total heat should track the score.
+
+The default score counts only the lungs, so its map lies there by construction and sums to the score.
+The check then also measures the same low-pass error over the whole image: whether the model's own
+error, unmasked, gathers in the lungs of abnormal chests. That is the part the mask cannot fake.
 """
 
 from __future__ import annotations
@@ -32,8 +36,11 @@ class LocalisationCheck:
         spearman_abnormal: rank correlation of an abnormal image's total heat with its score.
         mask_error: why no lung mask could be made (the other fields are then empty), else "".
         lungs_only: whether the deciding score counts only the lung fields (the low-pass error with a
-            lung region): its heat then lies in the lungs largely by construction, and the share says
-            little; the abnormal-over-normal heat and the Spearman still do.
+            lung region): its heat then lies in the lungs by construction and its total is the score, so
+            the share and the Spearman say nothing; the unmasked shares below do.
+        unmasked_abnormal: for a lungs-only score, the lung share of the same error over the whole image,
+            abnormal images; None otherwise.
+        unmasked_normal: the same for normal images.
     """
 
     n_abnormal: int
@@ -44,6 +51,8 @@ class LocalisationCheck:
     spearman_abnormal: float | None
     mask_error: str = ""
     lungs_only: bool = False
+    unmasked_abnormal: float | None = None
+    unmasked_normal: float | None = None
 
     def metrics(self) -> dict[str, Any]:
         """The JSON figures, with the abnormal share as a multiple of chance."""
@@ -62,6 +71,8 @@ class LocalisationCheck:
             "spearman_abnormal": self.spearman_abnormal,
             "mask_error": self.mask_error,
             "lungs_only": self.lungs_only,
+            "unmasked_abnormal": self.unmasked_abnormal,
+            "unmasked_normal": self.unmasked_normal,
         }
 
 
@@ -69,6 +80,12 @@ def _sample(candidates: np.ndarray, k: int, seed: int) -> np.ndarray:
     if len(candidates) <= k:
         return candidates
     return np.sort(np.random.default_rng(seed).choice(candidates, size=k, replace=False))
+
+
+def _class_means(shares: np.ndarray, n_ab: int) -> tuple[float | None, float | None]:
+    """Mean share of the first ``n_ab`` (abnormal) maps and of the rest (normal); None for an empty class."""
+    ab, no = shares[:n_ab], shares[n_ab:]
+    return (float(ab.mean()) if len(ab) else None, float(no.mean()) if len(no) else None)
 
 
 def check_localisation(
@@ -80,11 +97,11 @@ def check_localisation(
     k: int,
     seed: int,
 ) -> tuple[LocalisationCheck, np.ndarray, np.ndarray]:
-    """Occlusion maps of up to ``k`` abnormal and ``k`` normal test images and their lung shares.
+    """Heat maps of up to ``k`` abnormal and ``k`` normal test images and their lung shares.
 
     Args:
         model: the trained anomaly VAE.
-        cal: its calibration (score, latent reference, mean training image).
+        cal: its calibration (score, latent reference, mean training image, region of interest).
         test_images: uint8 (N, H, W), as the model scores them.
         test_y: 0/1 per test image.
         scores: the calibrated score of each test image.
@@ -96,13 +113,13 @@ def check_localisation(
     """
     from scipy.stats import spearmanr
 
-    from medvae.anomaly.heatmaps import occlusion_maps
+    from medvae.anomaly.heatmaps import lowpass_maps, score_maps
     from medvae.anomaly.localisation import lung_mask, share_inside
 
     ab = _sample(np.flatnonzero(test_y == 1), k, seed)
     no = _sample(np.flatnonzero(test_y == 0), k, seed + 1)
     picks = np.concatenate([ab, no])
-    maps = occlusion_maps(model, test_images[picks], cal)
+    maps = score_maps(model, test_images[picks], cal)
     try:
         mask = lung_mask(cal.mean_image)
     except ValueError as exc:
@@ -111,14 +128,23 @@ def check_localisation(
     rho = None
     if len(ab) >= 3 and np.ptp(scores[ab]) > 0:
         rho = float(spearmanr(maps[: len(ab)].sum(axis=(1, 2)), scores[ab]).statistic)
+    lungs_only = cal.score == "lowpass_error" and cal.roi_is_lungs
+    unmasked: tuple[float | None, float | None] = (None, None)
+    if lungs_only:
+        # The whole-image error, where the mask does not decide where the heat may go.
+        whole = lowpass_maps(model, test_images[picks], cal, whole_image=True)
+        unmasked = _class_means(share_inside(whole, mask)[0], len(ab))
+    share_ab, share_no = _class_means(shares, len(ab))
     check = LocalisationCheck(
         n_abnormal=len(ab),
         n_normal=len(no),
         chance=chance,
-        share_abnormal=float(shares[: len(ab)].mean()) if len(ab) else None,
-        share_normal=float(shares[len(ab) :].mean()) if len(no) else None,
+        share_abnormal=share_ab,
+        share_normal=share_no,
         spearman_abnormal=rho,
-        lungs_only=cal.score == "lowpass_error" and cal.roi_is_lungs,
+        lungs_only=lungs_only,
+        unmasked_abnormal=unmasked[0],
+        unmasked_normal=unmasked[1],
     )
     return check, picks, maps
 

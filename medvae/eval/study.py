@@ -428,17 +428,25 @@ def _shift_lines(metrics: dict[str, Any]) -> list[str]:
         ("shift-aware", metrics.get("shift", {}).get("localisation")),
     ):
         if loc and loc.get("chance"):
-            lines.append(
-                f"heat maps, {name} split: {loc['share_abnormal']:.3f} of the heat in the lungs for "
-                f"abnormals ({loc['abnormal_x_chance']:.2f}x chance {loc['chance']:.3f}), "
-                f"{loc['share_normal']:.3f} for normals ({loc['n_abnormal']}+{loc['n_normal']} images)"
-                + (
-                    "; the score counts only the lungs, so most heat lies there by construction"
-                    if loc.get("lungs_only")
-                    else ""
-                )
-            )
+            lines.append(_localisation_line(name, loc))
     return lines
+
+
+def _localisation_line(name: str, loc: dict[str, Any]) -> str:
+    """Where the heat of the deciding score lies; for a lungs-only score, where its unmasked error lies."""
+    images = f"{loc['n_abnormal']}+{loc['n_normal']} images"
+    if loc.get("lungs_only") and loc.get("unmasked_abnormal") is not None:
+        return (
+            f"heat maps, {name} split: the score counts only the lungs, so its heat lies there by "
+            f"construction; the same error over the whole image puts {loc['unmasked_abnormal']:.3f} of "
+            f"its heat in the lungs for abnormals, {loc['unmasked_normal']:.3f} for normals "
+            f"(chance {loc['chance']:.3f}; {images})"
+        )
+    return (
+        f"heat maps, {name} split: {loc['share_abnormal']:.3f} of the heat in the lungs for "
+        f"abnormals ({loc['abnormal_x_chance']:.2f}x chance {loc['chance']:.3f}), "
+        f"{loc['share_normal']:.3f} for normals ({images})"
+    )
 
 
 def _sharpness_lines(metrics: dict[str, Any]) -> list[str]:

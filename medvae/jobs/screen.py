@@ -73,10 +73,10 @@ class Screener:
         )
 
     def heatmaps(self, images: np.ndarray) -> np.ndarray:
-        """Occlusion maps of the deciding (calibrated) score for ``images`` (N, H, W)."""
-        from medvae.anomaly.heatmaps import occlusion_maps
+        """Heat maps of the deciding (calibrated) score for ``images`` (N, H, W) (see ``score_maps``)."""
+        from medvae.anomaly.heatmaps import score_maps
 
-        return occlusion_maps(self.loaded.model, images, self.calibration, labels=self._labels(len(images)))
+        return score_maps(self.loaded.model, images, self.calibration, labels=self._labels(len(images)))
 
 
 def screen_settings(meta: dict[str, Any]) -> IngestConfig:

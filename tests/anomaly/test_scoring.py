@@ -25,7 +25,13 @@ from medvae.anomaly.calibration import (
     threshold_at_fpr,
     unlike_training,
 )
-from medvae.anomaly.heatmaps import occlusion_maps, reconstruction_error_maps, save_heatmap_pngs
+from medvae.anomaly.heatmaps import (
+    lowpass_maps,
+    occlusion_maps,
+    reconstruction_error_maps,
+    save_heatmap_pngs,
+    score_maps,
+)
 from medvae.anomaly.stats import (
     SCORES,
     LatentStats,
@@ -328,6 +334,32 @@ def test_occlusion_maps_of_a_real_model_are_finite_and_non_negative() -> None:
     cal = calibrate(model, _images(24), _images(8, seed=3), fpr=0.1)
     maps = occlusion_maps(model, _images(3, seed=5), cal)
     assert maps.shape == (3, SIZE, SIZE) and np.isfinite(maps).all() and (maps >= 0).all()
+
+
+def test_the_lowpass_heat_map_is_the_score_pixel_by_pixel() -> None:
+    """The screen's map of the default score sums to each image's score and is 0 outside the region."""
+    from dataclasses import replace
+
+    model = _model()
+    roi = np.zeros((SIZE, SIZE), dtype=bool)
+    roi[2:14, 3:9] = True
+    cal = replace(calibrate(model, _images(24), _images(8, seed=3), fpr=0.1), roi=roi)
+    assert cal.score == "lowpass_error"
+    imgs = _images(5, seed=9)
+    maps = score_maps(model, imgs, cal)
+    scores = score_batch(model, imgs, stats=cal.stats, recon_kind=cal.recon_kind, roi=roi)["lowpass_error"]
+    np.testing.assert_allclose(maps.sum(axis=(1, 2)), scores, rtol=1e-5)
+    assert float(np.abs(maps[:, ~roi]).max()) == 0.0 and maps[:, roi].max() > 0
+    whole = lowpass_maps(model, imgs, cal, whole_image=True)
+    np.testing.assert_allclose(whole[:, roi], maps[:, roi], rtol=1e-6)  # the same error, unmasked
+    assert whole[:, ~roi].max() > 0
+
+
+def test_the_heat_map_of_a_latent_score_is_its_occlusion_map() -> None:
+    model = _model()
+    cal = calibrate(model, _images(24), _images(8, seed=3), score="mahalanobis", fpr=0.1)
+    imgs = _images(2, seed=9)
+    np.testing.assert_array_equal(score_maps(model, imgs, cal), occlusion_maps(model, imgs, cal))
 
 
 def test_gaussian_blur_is_scipys_gaussian_filter() -> None:

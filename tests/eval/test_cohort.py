@@ -105,9 +105,15 @@ def test_evaluate_reports_both_splits_side_by_side(tmp_path: Path) -> None:
     lines = summary_lines(m)
     assert any(line.startswith("lowpass_error AUROC, patient split") for line in lines)
     assert any("recalibrated on" in line for line in lines)
-    # A lung-region score's heat lies in the lungs by construction, and the summary must not sell that.
+    # A lung-region score's heat lies in the lungs by construction, and the summary must not sell that:
+    # the lung share is then 1, and the check measures the unmasked error's share instead.
     assert isinstance(loc["lungs_only"], bool)
     assert any("by construction" in line for line in lines) == (loc["lungs_only"] and bool(loc["chance"]))
+    if loc["lungs_only"]:
+        assert loc["share_abnormal"] == pytest.approx(1.0) and loc["share_normal"] == pytest.approx(1.0)
+        assert 0.0 < loc["unmasked_abnormal"] < 1.0 and 0.0 < loc["unmasked_normal"] < 1.0
+    else:
+        assert loc["unmasked_abnormal"] is None
     html = (out / "report.html").read_text()
     assert "Patient split and shift-aware split, side by side" in html and "Does the threshold hold" in html
     for fig in ("heatmaps.png", "heatmaps_shift.png", "roc_shift.png"):

@@ -253,10 +253,19 @@ def test_the_shift_split_sits_beside_the_patient_split_with_its_fpr_targets(tmp_
     assert any("stored 12.1%; recalibrated on 300 of its normals 5.0%" in line for line in lines)
     assert any("0.350 of the heat in the lungs for abnormals (1.40x chance 0.250)" in line for line in lines)
     assert not any("by construction" in line for line in lines) and "counts only the lung fields" not in html
-    # A score that counts only the lungs puts its heat there by construction: report and summary say so.
-    m["shift"]["localisation"]["lungs_only"] = True
-    assert "counts only the lung fields" in render_report(m, figs)
-    assert any("lungs, so most heat lies there by construction" in line for line in summary_lines(m))
+    # A score that counts only the lungs puts its heat there by construction: report and summary say so,
+    # and quote the unmasked error's lung shares instead.
+    m["shift"]["localisation"].update(lungs_only=True, unmasked_abnormal=0.3012, unmasked_normal=0.2071)
+    html = render_report(m, figs)
+    assert "counts only the lung fields" in html and "unmasked error: lung share, abnormal" in html
+    assert "<td>0.301</td><td>0.207</td>" in html
+    lines = summary_lines(m)
+    assert any(
+        "so its heat lies there by construction; the same error over the whole image puts 0.301 of its heat "
+        "in the lungs for abnormals, 0.207 for normals (chance 0.250; 6+6 images)" in line
+        for line in lines
+    )
+    assert not any("shift-aware split: 0.350 of the heat" in line for line in lines)
 
 
 def test_without_a_shift_split_the_report_says_why() -> None:

@@ -116,7 +116,7 @@ def test_dask_screen_writes_the_default_csv_and_heatmaps(
     assert pngs_a == sorted(p.name for p in (tmp_path / "heat_b").iterdir()) and len(pngs_a) == a["scored"]
     for name in pngs_a:
         pa_, pb_ = (np.asarray(Image.open(tmp_path / d / name), dtype=int) for d in ("heat_a", "heat_b"))
-        # The same ~1e-3 score rounding moves an occlusion map's colours by a few levels here and there;
+        # The same float rounding may move a heat map's colours by a few levels here and there;
         # a different map (another scan, another score) differs in most pixels by far more.
         diff = np.abs(pa_ - pb_)
         assert pa_.shape == pb_.shape and diff.mean() < 0.5 and diff.max() <= 16, name
