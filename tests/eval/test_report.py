@@ -253,12 +253,14 @@ def test_the_shift_split_sits_beside_the_patient_split_with_its_fpr_targets(tmp_
     assert any("stored 12.1%; recalibrated on 300 of its normals 5.0%" in line for line in lines)
     assert any("0.350 of the heat in the lungs for abnormals (1.40x chance 0.250)" in line for line in lines)
     assert not any("by construction" in line for line in lines) and "counts only the lung fields" not in html
+    assert "(the mask)" not in html and "<td>1.40</td>" in html
     # A score that counts only the lungs puts its heat there by construction: report and summary say so,
     # and quote the unmasked error's lung shares instead.
     m["shift"]["localisation"].update(lungs_only=True, unmasked_abnormal=0.3012, unmasked_normal=0.2071)
     html = render_report(m, figs)
     assert "counts only the lung fields" in html and "unmasked error: lung share, abnormal" in html
     assert "<td>0.301</td><td>0.207</td>" in html
+    assert "<td>(the mask)</td>" in html  # the share over chance restates the mask
     lines = summary_lines(m)
     assert any(
         "so its heat lies there by construction; the same error over the whole image puts 0.301 of its heat "
