@@ -492,7 +492,7 @@ def recalibrate(
         say(
             f"recalibrated on {res.used} normal scans: threshold {res.threshold_before:.4g} -> "
             f"{res.threshold:.4g} for {res.fpr:.0%} false positives (95 % interval {low:.1%}-{high:.1%}; "
-            f"the old threshold flagged {res.flagged_before:.1%} of them); model {res.model_hash[:12]}"
+            f"the old calibration flagged {res.flagged_before:.1%} of them); model {res.model_hash[:12]}"
         )
 
     run_cli(body)

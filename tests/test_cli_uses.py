@@ -370,9 +370,9 @@ def test_recalibration_on_local_normals_sets_the_promised_rate_there(
     res = runner.invoke(app, ["recalibrate", str(local), "--model", str(model), "--fpr", "0.1"])
     assert res.exit_code == 0, res.output
     assert "recalibrated on 60 normal scans" in res.output and "95 % interval" in res.output
-    # The share the old threshold flagged is the first screen's, on the same scans.
+    # The share the old calibration flagged is the first screen's (threshold or latent guard), same scans.
     first_flags = sum(int(r["flag"]) for r in csv.DictReader((tmp_path / "0.csv").open()))
-    assert f"the old threshold flagged {first_flags / 60:.1%} of them" in res.output
+    assert f"the old calibration flagged {first_flags / 60:.1%} of them" in res.output
     assert ("unlike the training cohort" in res.output) is (first_flags >= 30)
     assert (model / "hash.txt").read_text().split()[0] != before
     out = tmp_path / "s.csv"

@@ -455,13 +455,14 @@ def flagged_share_warnings(scored: int, flagged: int, fpr: float) -> list[str]:
 
 
 def site_shift_warnings(flagged_before: float, n: int) -> list[str]:
-    """What recalibrating must say when the old threshold flagged most of the site's own normals.
+    """What recalibrating must say when the old calibration flagged most of the site's own normals.
 
     A new threshold then holds the false-positive rate, but only by moving far above the training
     cohort's, and nothing measures how many abnormal scans still pass it.
 
     Args:
-        flagged_before: the share of the local normals above the threshold they replace.
+        flagged_before: the share of the local normals a screen flagged before (the threshold they
+            replace, or the latent guard).
         n: how many local normals there were.
 
     Returns:
@@ -471,10 +472,10 @@ def site_shift_warnings(flagged_before: float, n: int) -> list[str]:
     if not _mostly_flagged(flagged_before, n):
         return []
     return [
-        f"the old threshold flagged {flagged_before:.0%} of these normal scans: this site's scans are unlike "
-        "the training cohort (another age group, view, scanner or modality). The new threshold holds the "
-        "false-positive rate, but how many abnormal scans it still flags here is unmeasured: check the "
-        "model on labelled local scans (medvae evaluate) before relying on its flags"
+        f"the old calibration flagged {flagged_before:.0%} of these normal scans: this site's scans are "
+        "unlike the training cohort (another age group, view, scanner or modality). The new threshold "
+        "holds the false-positive rate, but how many abnormal scans it still flags here is unmeasured: "
+        "check the model on labelled local scans (medvae evaluate) before relying on its flags"
     ]
 
 

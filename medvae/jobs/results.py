@@ -199,8 +199,9 @@ class RecalibrationResult(Result):
         fpr: the target false-positive rate.
         fpr_interval: the 95 % Clopper-Pearson interval of the rate such a threshold can promise.
         model_hash: the model directory's new hash (its calibration changed).
-        flagged_before: the share of the local normals that the replaced threshold flagged: how far this
-            site is from the training cohort, as the old threshold saw it.
+        flagged_before: the share of the local normals a screen flagged before (the replaced threshold
+            or the latent guard): how far this site is from the training cohort, as the old
+            calibration saw it.
         warnings: e.g. too few normals.
     """
 

@@ -355,8 +355,10 @@ def recalibrate_job(
     records, batch = screen_files(screener, [(str(p), err) for p, err in iter_files(list(sources))])
     before = load_calibration(model_dir)
     cal = recalibrate(screener.loaded.model, before, batch, fpr=fpr)
-    # The same scans, score and old threshold as a screen before recalibrating: the share it flagged.
-    flagged_before = float(np.mean(cal.normal_scores > before.threshold))
+    # The share a screen flagged before recalibrating: the old threshold or the latent guard, on the
+    # same scans (the records were scored with the old calibration).
+    flags = [float(r.flagged) for r in records if r.status == "scored"]
+    flagged_before = float(np.mean(flags)) if flags else 0.0
     meta, tensors = cal.to_files()
     write_tensors(model_dir, "calibration.safetensors", tensors)
     write_json(model_dir, "calibration.json", {**meta, "recalibrated_on": len(batch)})
