@@ -17,7 +17,7 @@ than of pneumonia, and tracked the score at 0.56; it is kept only as a contrast.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -136,17 +136,16 @@ def lowpass_maps(
     """
     from medvae.anomaly.stats import lowpass_error_map
 
-    dev = model_device(model, None)
     roi = None if whole_image else cal.roi
-    maps: list[np.ndarray] = []
-    with eval_mode(model):
-        for x, y in iter_batches(model, images, labels, cal.default_label, batch_size, dev):
-            out = model(x, y)
-            maps.append(lowpass_error_map(x.double(), out.recon.double(), roi).float().cpu().numpy())
-    if not maps:
-        size = model.cfg.image_size
-        return np.zeros((0, size, size), dtype=np.float32)
-    return np.concatenate(maps, axis=0)
+    return _pixel_maps(
+        model,
+        images,
+        labels,
+        cal.default_label,
+        batch_size,
+        None,
+        lambda x, recon: lowpass_error_map(x.double(), recon.double(), roi),
+    )
 
 
 def score_maps(model: ConvVAE, images: ImageBatch, cal: Any, *, labels: Labels = None) -> np.ndarray:
@@ -192,12 +191,27 @@ def reconstruction_error_maps(
     Returns:
         Float32 array (N, H, W) in [0, 1].
     """
+    def abs_error(x: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
+        return (x - recon).abs().squeeze(1)
+
+    return _pixel_maps(model, images, labels, default_label, batch_size, device, abs_error)
+
+
+def _pixel_maps(
+    model: ConvVAE,
+    images: ImageBatch,
+    labels: Labels,
+    default_label: int | None,
+    batch_size: int,
+    device: Device,
+    per_pixel: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> np.ndarray:
+    """``per_pixel(x, recon)`` (N, H, W) over batches of eval-mode reconstructions, as float32 numpy."""
     dev = model_device(model, device)
     maps: list[np.ndarray] = []
     with eval_mode(model):
         for x, y in iter_batches(model, images, labels, default_label, batch_size, dev):
-            out = model(x, y)
-            maps.append((x - out.recon).abs().squeeze(1).float().cpu().numpy())
+            maps.append(per_pixel(x, model(x, y).recon).float().cpu().numpy())
     if not maps:
         size = model.cfg.image_size
         return np.zeros((0, size, size), dtype=np.float32)
